@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from model import UserError
+
 
 @dataclass
 class TrainArgs:
@@ -42,7 +44,7 @@ class TrainArgs:
     seed: int = 0
     ckpt_interval: int = 500  # steps between resumable checkpoints; 0: only at the end
     eval_interval: int = 500  # steps between WikiText-2 perplexity evals; 0: only at the end
-    eval_windows: int = 16  # WikiText-2 windows per periodic eval (the final eval uses all)
+    eval_windows: int = 16  # WikiText-2 windows per eval; 0: the whole test set
     log_interval: int = 10
     compile: bool = False  # torch.compile the student
     resume: bool = False  # continue from <out>/state.pt
@@ -118,7 +120,6 @@ class TokenBatches:
 
     def __init__(self, ids, seq_len, batch_size, seed, rank=0, world_size=1):
         if len(ids) < seq_len + 2:
-            from model import UserError
             raise UserError(f"only {len(ids)} training tokens for --seq-len {seq_len}; add text or lower --seq-len")
         self.ids, self.seq_len, self.batch_size = ids, seq_len, batch_size
         self.rank, self.world_size = rank, world_size
@@ -235,6 +236,5 @@ def check_finite(loss, step, last_ckpt):
     """Stop on NaN/inf loss with one line that names the last good checkpoint."""
     value = float(loss)
     if not math.isfinite(value):
-        from model import UserError
         raise UserError(f"loss is {value} at step {step}; last good checkpoint: {last_ckpt or 'none yet'}"
                         f" (lower --lr or raise --warmup-steps, then --resume)")
