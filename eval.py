@@ -1,0 +1,404 @@
+"""Evaluation: WikiText-2 perplexity and zero-shot multiple choice, scored as the pruning papers score them.
+
+    python eval.py --ckpt smollm2-135m --tasks all --limit 200 --batch-size 16 --json results.json
+
+Perplexity follows the SparseGPT/Wanda script: encode the whole text once (one BOS at the start if the
+tokenizer adds one), cut n = len // L non-overlapping windows, drop the tail, ppl = exp(mean window NLL).
+Zero-shot tasks follow lm-evaluation-harness exactly (templates, continuation = " " + choice, the
+boundary tokenization rule, acc and acc_norm); ../shared/docs/eval.md has the rules. We are faster than
+the harness because each item becomes one packed row: the shared context once, then every choice's
+tokens, each choice attending only to the context and itself (positions restart after the context).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from model import UserError, apply_rope
+
+# -----------------------------------------------------------------------------------------------------
+# Perplexity
+
+
+def _resolve_bos(tokenizer, bos):
+    return tokenizer.add_bos if bos is None else bool(bos)
+
+
+def perplexity_windows(tokenizer, text, seq_len, limit=None, bos=None):
+    """(windows LongTensor (n, L), protocol dict): the whole text encoded once, n = len // L, tail dropped."""
+    bos = _resolve_bos(tokenizer, bos)
+    ids = tokenizer.encode(text, bos=bos)
+    n = len(ids) // seq_len
+    if n == 0:
+        raise UserError(f"the text has {len(ids)} tokens, fewer than --seq-len {seq_len}; lower --seq-len")
+    if limit is not None:
+        n = min(n, limit)
+    windows = torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    protocol = {"tokens": len(ids), "windows": n, "seq_len": seq_len, "bos": bos}
+    return windows, protocol
+
+
+def perplexity_protocol(tokenizer, text, seq_len, limit=None, bos=None) -> dict:
+    """What perplexity() measures: tokens in the text, windows used, L, whether a BOS starts the text."""
+    return perplexity_windows(tokenizer, text, seq_len, limit, bos)[1]
+
+
+@torch.inference_mode()
+def window_nlls(model, windows, batch_size=1):
+    """Mean next-token NLL of each window (float64 tensor (n,)); the first token of a window is never predicted."""
+    device = next(model.parameters()).device
+    nlls = []
+    for i in range(0, len(windows), batch_size):
+        batch = windows[i : i + batch_size].to(device)
+        logits = model(batch).float()
+        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch[:, 1:], reduction="none")
+        nlls.append(nll.mean(dim=1).double().cpu())
+    return torch.cat(nlls)
+
+
+def perplexity(model, tokenizer, text, seq_len, limit=None, batch_size=1, bos=None) -> float:
+    """exp(mean over windows of the window's mean NLL); see perplexity_windows for the windows."""
+    windows, _ = perplexity_windows(tokenizer, text, seq_len, limit, bos)
+    return math.exp(window_nlls(model, windows, batch_size).mean().item())
+
+
+# -----------------------------------------------------------------------------------------------------
+# Zero-shot tasks: one JSON record -> (contexts, continuations, gold); request k = (contexts[k], continuations[k])
+
+
+def _choices(context, choices, gold):
+    """The usual shape: one context, continuation = " " + choice (the harness's target_delimiter)."""
+    return [context] * len(choices), [" " + c for c in choices], gold
+
+
+def hellaswag_preprocess(text):
+    text = text.strip()
+    text = text.replace(" [title]", ". ")
+    text = re.sub("\\[.*?\\]", "", text)  # WikiHow artifacts like [header], [step]
+    return text.replace("  ", " ")
+
+
+def hellaswag(doc):
+    ctx = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
+    return _choices(hellaswag_preprocess(doc["activity_label"] + ": " + ctx),
+                    [hellaswag_preprocess(e) for e in doc["endings"]], int(doc["label"]))
+
+
+def piqa(doc):
+    return _choices("Question: " + doc["goal"] + "\nAnswer:", [doc["sol1"], doc["sol2"]], int(doc["label"]))
+
+
+def arc(doc):
+    return _choices("Question: " + doc["question"] + "\nAnswer:", doc["choices"]["text"],
+                    doc["choices"]["label"].index(doc["answerKey"]))
+
+
+def boolq(doc):
+    return _choices(doc["passage"] + "\nQuestion: " + doc["question"] + "?\nAnswer:", ["no", "yes"],
+                    int(doc["label"]))
+
+
+def rte(doc):
+    return _choices(doc["sentence1"] + "\nQuestion: " + doc["sentence2"] + " True or False?\nAnswer:",
+                    ["True", "False"], int(doc["label"]))
+
+
+def openbookqa(doc):
+    return _choices(doc["question_stem"], doc["choices"]["text"],
+                    doc["choices"]["label"].index(doc["answerKey"].lstrip()))
+
+
+def winogrande(doc):
+    """Partial scoring: the option goes into the context; both score the same rest of the sentence."""
+    i = doc["sentence"].index("_")
+    rest = " " + doc["sentence"][i + 1 :].strip()
+    return [doc["sentence"][:i] + doc["option1"], doc["sentence"][:i] + doc["option2"]], [rest, rest], \
+        int(doc["answer"]) - 1
+
+
+TASKS = {"hellaswag": hellaswag, "piqa": piqa, "arc_easy": arc, "arc_challenge": arc,
+         "winogrande": winogrande, "boolq": boolq, "rte": rte, "openbookqa": openbookqa}
+NO_ACC_NORM = {"winogrande"}  # its choices differ in the context, not the continuation
+PAPER_TASKS = ["boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
+
+
+def task_file(data_dir, task) -> Path:
+    return Path(data_dir) / "tasks" / f"{task}.jsonl"
+
+
+def read_task(data_dir, task, limit=None):
+    """The first `limit` records of tasks/<task>.jsonl, each turned into (contexts, continuations, gold)."""
+    path = task_file(data_dir, task)
+    if not path.is_file():
+        raise UserError(f"missing task file {path}; pass --data-dir pointing at a folder with tasks/{task}.jsonl")
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if limit is not None and len(items) == limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                contexts, continuations, gold = TASKS[task](json.loads(line))
+                assert 0 <= gold < len(continuations) and all(isinstance(c, str) for c in contexts + continuations)
+            except (ValueError, KeyError, TypeError, IndexError, AttributeError, AssertionError) as e:
+                raise UserError(f"malformed record at {path}:{line_no} ({type(e).__name__}: {e}); "
+                                f"expected the Hugging Face field layout of {task} (see shared/data/README.md)")
+            items.append((contexts, continuations, gold))
+    if not items:
+        raise UserError(f"no records in {path}")
+    return items
+
+
+# -----------------------------------------------------------------------------------------------------
+# Scoring: sum of log P(continuation tokens | context), requests packed per item
+
+
+def encode_pair(tokenizer, context, continuation, bos):
+    """(context ids, continuation ids) by the harness's rule: trailing spaces of the context move to the
+    continuation, context + continuation is encoded as one string, the continuation is what follows
+    len(encode(context)). Encoding the two separately would change tokens at the boundary."""
+    if context == "":  # the harness scores an empty context from the prefix token (BOS, else EOS)
+        prefix = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+        return [prefix], tokenizer.encode(continuation, bos=False)
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    whole = tokenizer.encode(context + continuation, bos=bos)
+    context_ids = tokenizer.encode(context, bos=bos)
+    return context_ids, whole[len(context_ids) :]
+
+
+def pack_item(requests, max_len):
+    """One row for all requests of an item: the longest common prefix of their inputs, then each request's
+    remaining input tokens as a segment. Returns (tokens, positions, segments, picks) where picks[k] is a
+    list of (row index, target token) whose log-probs sum to request k's score.
+    Input of a request = (context + continuation)[-(max_len + 1):][:-1], as the harness truncates."""
+    inputs, conts = [], []
+    for ctx, cont in requests:
+        seq = (ctx + cont)[-(max_len + 1) :]
+        inputs.append(seq[:-1])
+        conts.append(cont)
+    shared = min(len(x) for x in inputs)
+    for x in inputs[1:]:
+        shared = next((i for i in range(shared) if x[i] != inputs[0][i]), shared)
+    tokens, positions, segments = list(inputs[0][:shared]), list(range(shared)), [0] * shared
+    picks = []
+    for k, (x, cont) in enumerate(zip(inputs, conts)):
+        start = len(tokens)
+        tokens += x[shared:]
+        positions += range(shared, len(x))
+        segments += [k + 1] * (len(x) - shared)
+        first = len(x) - len(cont)  # input index whose output predicts cont[0]
+        picks.append([(i if i < shared else start + i - shared, t) for i, t in zip(range(first, len(x)), cont)])
+    return tokens, positions, segments, picks
+
+
+def packed_hidden(model, tokens, positions, mask):
+    """model.forward up to the final norm, but with explicit positions (B, T) and a boolean attention mask
+    (B, 1, T, T) instead of plain causal attention; tests check it equals model.forward on causal rows."""
+    cos, sin = model.rope(0, int(positions.max()) + 1, tokens.device)  # (n, 1, head_dim // 2)
+    cos, sin = cos[positions], sin[positions]  # (B, T, 1, head_dim // 2): broadcasts over heads
+    h = model.tok_embeddings(tokens)
+    B, T, _ = h.shape
+    for layer in model.layers:
+        a, x = layer.attention, layer.attention_norm(h)
+        q = apply_rope(a.wq(x).view(B, T, a.n_heads, a.head_dim), cos, sin).transpose(1, 2)
+        k = apply_rope(a.wk(x).view(B, T, a.n_kv_heads, a.head_dim), cos, sin).transpose(1, 2)
+        v = a.wv(x).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        h = h + a.wo(y.transpose(1, 2).reshape(B, T, -1))
+        h = h + layer.feed_forward(layer.ffn_norm(h))
+    return model.norm(h)
+
+
+class Progress:
+    """A stderr line `hellaswag 120/200 items | 15.3 items/s | ETA 0m05s`, redrawn at most every second."""
+
+    def __init__(self, name, total):
+        self.name, self.total, self.t0, self.last = name, total, time.perf_counter(), 0.0
+
+    def update(self, done):
+        now = time.perf_counter()
+        if now - self.last < 1.0 and done < self.total:
+            return
+        self.last = now
+        rate = done / max(now - self.t0, 1e-9)
+        eta = (self.total - done) / rate if rate > 0 else 0.0
+        end = "\n" if done >= self.total else ""
+        print(f"\r{self.name} {done}/{self.total} items | {rate:.1f} items/s | ETA {int(eta // 60)}m{int(eta % 60):02d}s",
+              end=end, file=sys.stderr, flush=True)
+
+
+@torch.inference_mode()
+def score_items(model, tokenizer, items, batch_size=16, bos=None, name="score"):
+    """Per item, the list of continuation log-likelihood sums (float64), in the items' order."""
+    bos = _resolve_bos(tokenizer, bos)
+    device = next(model.parameters()).device
+    max_len = model.args.max_seq_len
+    rows = [pack_item([encode_pair(tokenizer, c, x, bos) for c, x in zip(ctxs, conts)], max_len)
+            for ctxs, conts, _ in items]
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # longest first: padding is low
+    scores = [None] * len(rows)
+    progress = Progress(name, len(rows))
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        T = max(len(rows[i][0]) for i in batch)
+        tokens = torch.zeros(len(batch), T, dtype=torch.long)
+        positions = torch.zeros(len(batch), T, dtype=torch.long)
+        segments = torch.full((len(batch), T), -1, dtype=torch.long)  # -1: padding
+        for b, i in enumerate(batch):
+            tok, pos, seg, _ = rows[i]
+            tokens[b, : len(tok)], positions[b, : len(tok)], segments[b, : len(tok)] = (
+                torch.tensor(tok), torch.tensor(pos), torch.tensor(seg))
+        # a token sees earlier tokens of the shared prefix (segment 0) and of its own segment
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        same = (segments[:, :, None] == segments[:, None, :]) | (segments[:, None, :] == 0)
+        mask = (causal & same)[:, None].to(device)
+        hidden = packed_hidden(model, tokens.to(device), positions.to(device), mask)
+        rows_b = [b for b, i in enumerate(batch) for p in rows[i][3] for _ in p]
+        cols = [r for i in batch for p in rows[i][3] for r, _ in p]
+        targets = torch.tensor([t for i in batch for p in rows[i][3] for _, t in p], device=device)
+        logprobs = F.log_softmax(model.output(hidden[rows_b, cols]).float(), dim=-1)
+        picked = logprobs.gather(1, targets[:, None])[:, 0].double().cpu().tolist()
+        for i in batch:
+            sums = []
+            for p in rows[i][3]:
+                sums.append(math.fsum(picked[: len(p)]))
+                picked = picked[len(p) :]
+            scores[i] = sums
+        progress.update(start + len(batch))
+    return scores
+
+
+def _argmax(values):
+    return max(range(len(values)), key=lambda i: (values[i], -i))  # first maximum, as np.argmax
+
+
+def evaluate_task(model, tokenizer, task, data_dir, limit=None, batch_size=16, bos=None):
+    """{"n", "acc", "acc_norm", "samples"} for one zero-shot task on an in-memory model."""
+    items = read_task(data_dir, task, limit)
+    scores = score_items(model, tokenizer, items, batch_size, bos, name=task)
+    samples = []
+    for doc_id, ((_, conts, gold), lls) in enumerate(zip(items, scores)):
+        pred = _argmax(lls)
+        # acc_norm divides by the choice's length in characters (the continuation minus its " ")
+        pred_norm = None if task in NO_ACC_NORM else _argmax([s / len(c[1:]) for s, c in zip(lls, conts)])
+        samples.append({"doc_id": doc_id, "gold": gold, "pred": pred, "pred_norm": pred_norm, "loglikelihoods": lls})
+    n = len(samples)
+    acc = sum(s["pred"] == s["gold"] for s in samples) / n
+    acc_norm = None if task in NO_ACC_NORM else sum(s["pred_norm"] == s["gold"] for s in samples) / n
+    return {"n": n, "acc": acc, "acc_norm": acc_norm, "samples": samples}
+
+
+def evaluate(model, tokenizer, tasks, data_dir, limit=None, batch_size=16, bos=None, seq_len=2048) -> dict:
+    """Run `tasks` (names from TASKS and/or "wikitext2") on an in-memory model.
+    Returns {"results": {task: {...}}, "mean7": mean acc of PAPER_TASKS when all ran, else None}."""
+    results = {}
+    for task in tasks:
+        if task == "wikitext2":
+            from data import wikitext2_text
+            windows, protocol = perplexity_windows(tokenizer, wikitext2_text(data_dir), seq_len, limit, bos)
+            t0 = time.perf_counter()
+            nll = window_nlls(model, windows, batch_size=1).mean().item()
+            results[task] = {"n": protocol["windows"], "ppl": math.exp(nll), "protocol": protocol,
+                             "seconds": time.perf_counter() - t0}
+        else:
+            t0 = time.perf_counter()
+            results[task] = evaluate_task(model, tokenizer, task, data_dir, limit, batch_size, bos)
+            results[task]["seconds"] = time.perf_counter() - t0
+    mean7 = (sum(results[t]["acc"] for t in PAPER_TASKS) / len(PAPER_TASKS)
+             if all(t in results for t in PAPER_TASKS) else None)
+    return {"results": results, "mean7": mean7}
+
+
+# -----------------------------------------------------------------------------------------------------
+# CLI
+
+
+@dataclass
+class EvalArgs:
+    """Evaluate a checkpoint: WikiText-2 perplexity and zero-shot accuracy (lm-evaluation-harness rules)."""
+    ckpt: str = "smollm2-135m"  # model name or checkpoint path (model.load)
+    tasks: str = "all"  # comma list of wikitext2 and TASKS, or all
+    limit: int | None = None  # first N records of each task file / first N wikitext2 windows
+    batch_size: int = 16  # items (packed rows) per forward pass
+    json: str | None = None  # write results (and protocol) here
+    log_samples: bool = False  # per-item log-likelihoods and predictions in the JSON
+    bos: str = "auto"  # auto (the tokenizer's default), yes, no
+    seq_len: int = 2048  # perplexity window L
+    data_dir: str | None = None  # default: ./data, else ../shared/data
+    device: str = "cpu"
+    dtype: str = "float32"  # float32 or bfloat16
+
+
+def parse_tasks(spec):
+    names = ["wikitext2", *TASKS] if spec == "all" else [t.strip() for t in spec.split(",") if t.strip()]
+    for t in names:
+        if t != "wikitext2" and t not in TASKS:
+            raise UserError(f"unknown task {t!r}; choose from all, wikitext2, {', '.join(TASKS)}")
+    if not names:
+        raise UserError("no tasks given; use --tasks all or a comma list")
+    return names
+
+
+def fmt(x, spec=".4f"):
+    return "-" if x is None else format(x, spec)
+
+
+def main(argv=None):
+    from training import parse_config
+    import model as model_lib
+    from data import resolve_data_dir
+    args = parse_config(EvalArgs, argv)
+    tasks = parse_tasks(args.tasks)
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit {args.limit}: give a positive number of records, or leave it out for all")
+    if args.bos not in ("auto", "yes", "no"):
+        raise UserError(f"--bos {args.bos}: choose auto, yes or no")
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    if args.dtype not in dtypes:
+        raise UserError(f"--dtype {args.dtype}: choose float32 or bfloat16")
+    data_dir = resolve_data_dir(args.data_dir)
+    files = [str(task_file(data_dir, t)) for t in tasks if t != "wikitext2"]
+    for t in tasks:  # bad data fails before the model loads
+        if t != "wikitext2":
+            read_task(data_dir, t, args.limit)
+    if "wikitext2" in tasks:
+        files.insert(0, str(Path(data_dir) / "wikitext-2-raw" / "wiki.test.raw"))
+    model, tokenizer = model_lib.load(args.ckpt, device=args.device, dtype=dtypes[args.dtype])
+    bos = {"auto": None, "yes": True, "no": False}[args.bos]
+    out = evaluate(model, tokenizer, tasks, data_dir, args.limit, args.batch_size, bos, args.seq_len)
+    protocol = {"model": args.ckpt, "dtype": args.dtype, "device": args.device, "seq_len": args.seq_len,
+                "bos": _resolve_bos(tokenizer, bos), "bos_flag": args.bos, "limit": args.limit, "data_files": files,
+                "scoring": "lm-evaluation-harness rules, zero-shot; acc_norm = score / len(choice) in characters"}
+    print(f"\n{'task':<14} {'n':>6} {'acc':>8} {'acc_norm':>9} {'ppl':>9}")
+    for task, r in out["results"].items():
+        print(f"{task:<14} {r['n']:>6} {fmt(r.get('acc')):>8} {fmt(r.get('acc_norm')):>9} {fmt(r.get('ppl'), '.3f'):>9}")
+    if out["mean7"] is not None:
+        print(f"{'mean of 7':<14} {'':>6} {out['mean7']:>8.4f}   (acc; BoolQ RTE HellaSwag WinoGrande ARC-e ARC-c OBQA)")
+    if "wikitext2" in out["results"]:
+        p = out["results"]["wikitext2"]["protocol"]
+        print(f"wikitext2: {p['tokens']:,} tokens, {p['windows']} windows of L={p['seq_len']}, BOS={p['bos']}")
+    print("protocol: " + ", ".join(f"{k}={v}" for k, v in protocol.items() if k != "data_files"))
+    print("data files: " + " ".join(files))
+    if args.json:
+        if not args.log_samples:
+            for r in out["results"].values():
+                r.pop("samples", None)
+        out["protocol"] = protocol
+        Path(args.json).write_text(json.dumps(out, indent=1))
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    from model import cli_main
+    cli_main(main)

@@ -1,0 +1,316 @@
+"""eval.py: harness templates on real records, the boundary tokenization rule, known log-probs through the
+packed scorer, acc vs acc_norm, Winogrande partial scoring, perplexity windows, and bad input."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import eval as ev
+from model import ModelArgs, Transformer, UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture
+def shared_data():
+    if not (SHARED / "tasks").is_dir():
+        pytest.skip("../shared/data not present")
+    return SHARED
+
+
+class StubTokenizer:
+    """Byte-level with a few merged pieces, greedy longest match: enough to make tokens at a
+    context/continuation boundary depend on how the text is split."""
+    MERGES = [b" yes", b" no", b"Answer:", b" the", b"ab", b" True", b" False"]
+
+    def __init__(self, add_bos=False):
+        self.pieces = [bytes([i]) for i in range(256)] + self.MERGES
+        self.ids = {p: i for i, p in enumerate(self.pieces)}
+        self.bos_id, self.eos_id = len(self.pieces), len(self.pieces) + 1
+        self.vocab_size, self.add_bos = len(self.pieces) + 2, add_bos
+
+    def encode(self, text, bos=None, eos=False):
+        data, ids, i = text.encode("utf-8"), [], 0
+        while i < len(data):
+            n = next(n for n in (7, 6, 5, 4, 3, 2, 1) if data[i:i + n] in self.ids)
+            ids.append(self.ids[data[i:i + n]])
+            i += n
+        bos = self.add_bos if bos is None else bos
+        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+
+    def decode(self, ids):
+        return b"".join(self.pieces[i] for i in ids if i < len(self.pieces)).decode("utf-8", "replace")
+
+
+def bigram_model(tok, seed=0, uniform=False):
+    """A real Transformer with no layers and one-hot embeddings: the logits of the next token depend only
+    on the current token, so log P(next | prev) = table[prev, next] is known exactly."""
+    dim = (tok.vocab_size + 3) // 4 * 4
+    model = Transformer(ModelArgs(dim=dim, n_layers=0, n_heads=2, vocab_size=tok.vocab_size,
+                                  hidden_dim=8, max_seq_len=512)).eval()
+    with torch.no_grad():
+        model.tok_embeddings.weight.copy_(torch.eye(tok.vocab_size, dim))
+        g = torch.Generator().manual_seed(seed)
+        model.output.weight.copy_(torch.zeros(tok.vocab_size, dim) if uniform else
+                                  torch.randn(tok.vocab_size, dim, generator=g))
+        table = F.log_softmax(model.output(model.norm(model.tok_embeddings.weight)), dim=-1)
+    return model, table.double()
+
+
+def table_score(tok, table, context, continuation, bos=False):
+    """Independent reference: harness tokenization, then the sum of bigram log-probs of the continuation."""
+    n = len(context) - len(context.rstrip())
+    if n:
+        context, continuation = context[:-n], context[-n:] + continuation
+    ctx = tok.encode(context, bos=bos)
+    whole = tok.encode(context + continuation, bos=bos)
+    seq = ctx + whole[len(ctx):]
+    return sum(table[seq[i - 1], seq[i]].item() for i in range(len(ctx), len(seq)))
+
+
+def tiny_transformer(seed=0, vocab=300):
+    torch.manual_seed(seed)
+    return Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab,
+                                 hidden_dim=128, max_seq_len=256)).eval()
+
+
+def harness_scores(model, tok, items, bos=False):
+    """The harness's way: one forward per (context, continuation), input = (ctx + cont)[:-1]."""
+    out = []
+    for contexts, conts, _ in items:
+        lls = []
+        for c, x in zip(contexts, conts):
+            ctx, cont = ev.encode_pair(tok, c, x, bos)
+            inp = torch.tensor([(ctx + cont)[:-1]])
+            logp = F.log_softmax(model(inp)[0, -len(cont):].double(), dim=-1)
+            lls.append(logp.gather(1, torch.tensor(cont)[:, None]).sum().item())
+        out.append(lls)
+    return out
+
+
+# ---------------------------------------------------------------- templates on real records
+
+
+def test_templates_on_first_real_records(shared_data):
+    first = {t: ev.read_task(shared_data, t, limit=1)[0] for t in ev.TASKS}
+    ctxs, conts, gold = first["hellaswag"]
+    assert ctxs == ["Roof shingle removal: A man is sitting on a roof. he"] * 4
+    assert conts[3] == " starts pulling up roofing on a roof." and gold == 3
+    ctxs, conts, gold = first["piqa"]
+    assert ctxs[0] == "Question: How do I ready a guinea pig cage for it's new occupants?\nAnswer:"
+    assert conts[0].startswith(" Provide the guinea pig with a cage") and len(conts) == 2 and gold == 0
+    ctxs, conts, gold = first["arc_easy"]
+    assert ctxs[0] == ("Question: Which statement best explains why photosynthesis is the foundation of most "
+                       "food webs?\nAnswer:")
+    assert conts[0] == " Sunlight is the source of energy for nearly all ecosystems." and gold == 0
+    ctxs, conts, gold = first["arc_challenge"]
+    assert conts == [" Planetary density will decrease.", " Planetary years will become longer.",
+                     " Planetary days will become shorter.", " Planetary gravity will become stronger."]
+    assert gold == 2  # answerKey "C"
+    ctxs, conts, gold = first["winogrande"]
+    assert ctxs == ["Sarah was a much better surgeon than Maria so Sarah",
+                    "Sarah was a much better surgeon than Maria so Maria"]
+    assert conts == [" always got the easier cases."] * 2 and gold == 1  # answer "2"
+    ctxs, conts, gold = first["boolq"]
+    assert ctxs[0].startswith("All biomass goes through")
+    assert ctxs[0].endswith("than producing gasoline.\nQuestion: does ethanol take more energy make that produces?"
+                            "\nAnswer:")
+    assert conts == [" no", " yes"] and gold == 0
+    ctxs, conts, gold = first["rte"]
+    assert ctxs[0] == ("Dana Reeve, the widow of the actor Christopher Reeve, has died of lung cancer at age 44, "
+                       "according to the Christopher Reeve Foundation.\nQuestion: Christopher Reeve had an "
+                       "accident. True or False?\nAnswer:")
+    assert conts == [" True", " False"] and gold == 1  # label 1 = not entailment = "False"
+    ctxs, conts, gold = first["openbookqa"]
+    assert ctxs[0].startswith("A person wants to start saving") and ctxs[0].endswith("best way to save money is to")
+    assert conts[1] == " quit eating lunch out" and gold == 1
+
+
+def test_hellaswag_preprocess_and_capitalize():
+    assert ev.hellaswag_preprocess(" How to x [title] Do it [step] now  ok ") == "How to x. Do it now ok"
+    doc = {"activity_label": "Cooking", "ctx_a": "He cuts onions.", "ctx_b": "then HE cries",
+           "endings": ["[header] Wipe  eyes.", "sleeps"], "label": "0"}
+    ctxs, conts, gold = ev.hellaswag(doc)
+    assert ctxs[0] == "Cooking: He cuts onions. Then he cries"  # str.capitalize lowercases the rest, as the harness
+    assert conts == ["  Wipe eyes.", " sleeps"] and gold == 0  # the tag goes after the strip: its space stays
+    doc.update(ctx_b="")  # the shared file's layout: ctx_a holds everything, the trailing space is stripped
+    assert ev.hellaswag(doc)[0][0] == "Cooking: He cuts onions."
+
+
+# ---------------------------------------------------------------- tokenization at the boundary
+
+
+def test_context_ending_in_space_moves_the_space_to_the_continuation():
+    tok = StubTokenizer()
+    ctx, cont = ev.encode_pair(tok, "Answer: ", "yes", bos=False)
+    assert ctx == [tok.ids[b"Answer:"]] and cont == [tok.ids[b" yes"]]  # one merged token " yes"
+    ctx, cont = ev.encode_pair(tok, "Answer:  ", "no", bos=True)  # all trailing spaces move
+    assert ctx == [tok.bos_id, tok.ids[b"Answer:"]] and cont == [tok.ids[b" "], tok.ids[b" no"]]
+
+
+def test_continuation_is_cut_from_the_joint_encoding():
+    tok = StubTokenizer()
+    # "a" + "b" encodes jointly as the merge "ab": the continuation is what follows len(encode("xa"))
+    ctx, cont = ev.encode_pair(tok, "xa", "bc", bos=False)
+    assert ctx == tok.encode("xa") and cont == tok.encode("xabc")[2:] == [tok.ids[b"c"]]
+    assert cont != tok.encode("bc")
+
+
+# ---------------------------------------------------------------- scoring with known log-probs
+
+
+def test_scores_equal_known_bigram_log_probs():
+    tok = StubTokenizer()
+    model, table = bigram_model(tok)
+    items = [ev.piqa({"goal": "Open a jar", "sol1": "twist the lid", "sol2": "ab yes", "label": 1}),
+             ev.boolq({"passage": "Sky is blue.", "question": "is the sky blue", "label": 1}),
+             ev.winogrande({"sentence": "Tom met Ann so _ was happy.", "option1": "Tom", "option2": "Ann",
+                            "answer": "1"}),
+             ([("Answer: ")] * 2, ["yes", "no"], 0)]
+    for bos in (False, True):
+        for batch_size in (1, 3):
+            got = ev.score_items(model, tok, items, batch_size=batch_size, bos=bos)
+            for (ctxs, conts, _), lls in zip(items, got):
+                want = [table_score(tok, table, c, x, bos) for c, x in zip(ctxs, conts)]
+                assert lls == pytest.approx(want, abs=1e-4)
+
+
+def test_acc_uses_sum_and_acc_norm_divides_by_characters(tmp_path):
+    # a uniform model: every token costs log V, so the shortest choice has the best sum and the
+    # longest the best per-character score
+    tok = StubTokenizer()
+    model, _ = bigram_model(tok, uniform=True)
+    records = [{"goal": "g", "sol1": "short", "sol2": "much longer answer", "label": 0},
+               {"goal": "g", "sol1": "short", "sol2": "much longer answer", "label": 1},
+               {"goal": "g", "sol1": "same", "sol2": "same", "label": 1}]  # a tie picks the first index
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "piqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    r = ev.evaluate_task(model, tok, "piqa", tmp_path, batch_size=2)
+    assert [s["pred"] for s in r["samples"]] == [0, 0, 0]
+    assert [s["pred_norm"] for s in r["samples"]] == [1, 1, 0]
+    assert r["n"] == 3 and r["acc"] == pytest.approx(1 / 3) and r["acc_norm"] == pytest.approx(1 / 3)
+    V = tok.vocab_size
+    assert r["samples"][0]["loglikelihoods"][0] == pytest.approx(-6 * math.log(V), abs=1e-4)  # " short"
+
+
+def test_winogrande_scores_the_shared_continuation_after_each_option(tmp_path):
+    tok = StubTokenizer()
+    model, table = bigram_model(tok, seed=3)
+    rec = {"sentence": "Ann gave Bob a gift because _ was kind.", "option1": "Ann", "option2": "Bob", "answer": "1"}
+    ctxs, conts, gold = ev.winogrande(rec)
+    assert ctxs == ["Ann gave Bob a gift because Ann", "Ann gave Bob a gift because Bob"]
+    assert conts == [" was kind."] * 2 and gold == 0
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "winogrande.jsonl").write_text(json.dumps(rec) + "\n")
+    r = ev.evaluate_task(model, tok, "winogrande", tmp_path)
+    want = [table_score(tok, table, c, x) for c, x in zip(ctxs, conts)]
+    assert r["samples"][0]["loglikelihoods"] == pytest.approx(want, abs=1e-4)
+    assert r["samples"][0]["pred"] == int(want[1] > want[0]) and r["acc_norm"] is None
+
+
+def test_packed_rows_equal_one_forward_per_request():
+    """Shared-prefix packing (positions restart after the prefix, block mask) gives the harness's numbers."""
+    tok = StubTokenizer()
+    model = tiny_transformer(vocab=tok.vocab_size)
+    items = [ev.hellaswag({"activity_label": "Baking", "ctx_a": "She mixes flour and", "ctx_b": "",
+                           "endings": ["water.", "the eggs then bakes it", "sings", "ab ab ab"], "label": "1"}),
+             ev.winogrande({"sentence": "The cup fell off the table because _ was slippery.",
+                            "option1": "the cup", "option2": "the table", "answer": "2"}),
+             ev.rte({"sentence1": "A cat sat.", "sentence2": "A cat exists.", "label": 0}),
+             ([("same context")] * 3, [" same", " same", " same thing"], 2)]
+    want = harness_scores(model, tok, items)
+    for batch_size in (1, 4):
+        got = ev.score_items(model, tok, items, batch_size=batch_size, bos=False)
+        for g, w in zip(got, want):
+            assert g == pytest.approx(w, abs=2e-4)
+
+
+def test_bfloat16_scores_close_to_float32():
+    tok = StubTokenizer()
+    model = tiny_transformer(vocab=tok.vocab_size)
+    items = [ev.piqa({"goal": "Open a jar", "sol1": "twist the lid", "sol2": "hit it", "label": 0})]
+    fp32 = ev.score_items(model, tok, items)[0]
+    bf16 = ev.score_items(model.to(torch.bfloat16), tok, items)[0]
+    assert bf16 == pytest.approx(fp32, rel=0.05)
+
+
+def test_left_truncation_to_max_seq_len():
+    tok = StubTokenizer()
+    model, table = bigram_model(tok)
+    model.args.max_seq_len = 8
+    items = [([("x" * 20)] * 2, [" yes", " the end"], 0)]
+    got = ev.score_items(model, tok, items)[0]
+    assert got == pytest.approx([table_score(tok, table, "x" * 20, c) for c in (" yes", " the end")], abs=1e-4)
+
+
+# ---------------------------------------------------------------- perplexity
+
+
+def test_perplexity_windows_bos_once_and_tail_dropped():
+    tok = StubTokenizer(add_bos=True)
+    text = "abc" * 30  # 30 "ab" merges + 30 "c" + BOS = 61 tokens
+    windows, p = ev.perplexity_windows(tok, text, seq_len=16)
+    assert p == {"tokens": 61, "windows": 3, "seq_len": 16, "bos": True}
+    assert windows[0, 0] == tok.bos_id and (windows[1:, 0] != tok.bos_id).all()
+    assert ev.perplexity_protocol(tok, text, 16, limit=2, bos=False) == {"tokens": 60, "windows": 2,
+                                                                         "seq_len": 16, "bos": False}
+    with pytest.raises(UserError, match="fewer than --seq-len"):
+        ev.perplexity_windows(tok, "abc", seq_len=16)
+
+
+def test_perplexity_is_exp_of_mean_window_nll():
+    tok = StubTokenizer(add_bos=True)
+    model = tiny_transformer(vocab=tok.vocab_size)
+    text = "the cat sat on the mat. " * 8
+    ids = tok.encode(text)
+    L = 24
+    nlls = []
+    for i in range(len(ids) // L):
+        w = torch.tensor([ids[i * L:(i + 1) * L]])
+        nlls.append(F.cross_entropy(model(w)[0, :-1], w[0, 1:]).item())
+    want = math.exp(sum(nlls) / len(nlls))
+    assert ev.perplexity(model, tok, text, L, batch_size=2) == pytest.approx(want, rel=1e-5)
+    assert ev.perplexity(model, tok, text, L, limit=1) == pytest.approx(math.exp(nlls[0]), rel=1e-5)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_bad_task_files(tmp_path):
+    with pytest.raises(UserError, match="unknown task 'nope'"):
+        ev.parse_tasks("piqa,nope")
+    assert ev.parse_tasks("all") == ["wikitext2", *ev.TASKS]
+    with pytest.raises(UserError, match="missing task file"):
+        ev.read_task(tmp_path, "piqa")
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "piqa.jsonl").write_text('{"goal": "g", "sol1": "a", "sol2": "b", "label": 0}\n{"goal": \n')
+    with pytest.raises(UserError, match=r"malformed record at .*piqa.jsonl:2"):
+        ev.read_task(tmp_path, "piqa")
+    (tmp_path / "tasks" / "arc_easy.jsonl").write_text(
+        '{"question": "q", "choices": {"text": ["a"], "label": ["A"]}, "answerKey": "E"}\n')
+    with pytest.raises(UserError, match="malformed record"):
+        ev.read_task(tmp_path, "arc_easy")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tasks", "piqa,bogus"], "unknown task 'bogus'"),
+    (["--tasks", "piqa", "--limit", "0"], "--limit 0"),
+    (["--tasks", "piqa", "--data-dir", "/nonexistent/dir"], "nonexistent"),
+])
+def test_cli_errors_are_one_line(argv, message):
+    with pytest.raises(UserError, match=message):
+        ev.main(argv)
+
+
+def test_cli_exit_status_and_single_line(tmp_path):
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "rte.jsonl").write_text("not json\n")
+    r = subprocess.run([sys.executable, "eval.py", "--tasks", "rte", "--data-dir", str(tmp_path), "--ckpt", "x"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: ")
