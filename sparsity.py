@@ -1,0 +1,572 @@
+"""
+One-shot pruning of the seven linear layers of every decoder block: magnitude, Wanda and SparseGPT,
+unstructured (a ratio) or N:M semi-structured along the input dimension (2:4, 4:8, any N:M).
+
+    python sparsity.py --ckpt smollm2-135m --method wanda --sparsity 2:4 --out out/wanda24
+
+Calibration is sequential, one decoder block at a time (as in the official Wanda and SparseGPT code):
+the calibration windows are run through block l, its layers are pruned, and the windows are run through
+the pruned block again to become the inputs of block l+1. Only one block's activations live at once, so
+a 7B model calibrates on one GPU.
+
+References: Wanda, Sun et al. 2023 (github.com/locuslab/wanda); SparseGPT, Frantar & Alistarh 2023
+(github.com/IST-DASLab/sparsegpt). Masks are torch.bool, True = weight kept.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import random
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from model import UserError
+
+PROJECTIONS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # attention.{wq,wk,wv,wo}, feed_forward.{w1,w2,w3}
+METHODS = ("magnitude", "wanda", "sparsegpt")
+
+# -----------------------------------------------------------------------------
+# patterns and masks
+
+
+def parse_sparsity(s) -> "tuple[int, int] | float":
+    """'2:4' -> (2, 4) (keep 2 of every 4); '0.5' or '50%' -> 0.5 (fraction pruned)."""
+    s = str(s).strip()
+    try:
+        if ":" in s:
+            n, m = (int(v) for v in s.split(":"))
+            if not 0 < n <= m:
+                raise ValueError
+            return (n, m)
+        p = float(s[:-1]) / 100 if s.endswith("%") else float(s)
+        if not 0.0 <= p < 1.0:
+            raise ValueError
+        return p
+    except ValueError:
+        raise UserError(f"bad sparsity {s!r}: use N:M with 0 < N <= M (e.g. 2:4, 4:8) "
+                        f"or a pruned fraction in [0, 1) (e.g. 0.5)") from None
+
+
+def sparsity_str(sparsity) -> str:
+    return f"{sparsity[0]}:{sparsity[1]}" if isinstance(sparsity, tuple) else f"{sparsity:g}"
+
+
+def nm_mask(score: torch.Tensor, n: int, m: int, name: str | None = None) -> torch.Tensor:
+    """Keep the n largest scores in every run of m consecutive inputs (last dim) of each output row."""
+    out_dim, in_dim = score.shape
+    if in_dim % m:
+        raise UserError(f"{name or 'layer'}: input dim {in_dim} is not a multiple of M={m}, so {n}:{m} "
+                        f"sparsity cannot apply; leave this layer out with --layers or choose another M")
+    groups = score.reshape(out_dim, in_dim // m, m)
+    keep = groups.topk(n, dim=-1).indices
+    mask = torch.zeros(groups.shape, dtype=torch.bool, device=score.device).scatter_(-1, keep, True)
+    return mask.reshape(out_dim, in_dim)
+
+
+def unstructured_mask(score: torch.Tensor, sparsity: float, per_row: bool = True) -> torch.Tensor:
+    """Prune the int(sparsity * size) smallest scores of each output row (Wanda) or of the whole layer.
+
+    Exact counts (sort, not a threshold): a threshold `score <= t` prunes every tie of t, and weights
+    dequantized from 4-bit grids are full of ties.
+    """
+    flat = score if per_row else score.reshape(1, -1)
+    k = int(flat.shape[1] * sparsity)
+    order = torch.sort(flat, dim=-1, stable=True).indices[:, :k]
+    mask = torch.ones(flat.shape, dtype=torch.bool, device=score.device).scatter_(-1, order, False)
+    return mask.reshape(score.shape)
+
+
+def check_nm(t: torch.Tensor, n: int, m: int) -> bool:
+    """Every run of m consecutive entries along the last dim has at most n nonzeros."""
+    if t.shape[-1] % m:
+        return False
+    return bool(((t != 0).reshape(-1, m).sum(-1) <= n).all())
+
+
+def check_mask(mask: torch.Tensor, sparsity) -> bool:
+    """mask is bool and has the pattern: exactly n kept of every m, or the pruned fraction to rounding."""
+    if mask.dtype != torch.bool:
+        return False
+    if isinstance(sparsity, tuple):
+        n, m = sparsity
+        return mask.shape[-1] % m == 0 and bool((mask.reshape(-1, m).sum(-1) == n).all())
+    pruned = 1.0 - mask.float().mean().item()
+    return abs(pruned - sparsity) <= 1.0 / mask.shape[-1] + 1e-6
+
+
+def check_layer(weight: torch.Tensor, mask: torch.Tensor, sparsity) -> bool:
+    """A pruned weight obeys its mask exactly (pruned entries are 0.0) and the mask obeys the pattern."""
+    ok = check_mask(mask, sparsity) and bool((weight[~mask] == 0).all())
+    if isinstance(sparsity, tuple):
+        ok = ok and check_nm(weight, *sparsity)
+    return ok
+
+
+# -----------------------------------------------------------------------------
+# the three criteria, on one layer
+
+
+def magnitude_mask(weight: torch.Tensor, sparsity, name: str | None = None) -> torch.Tensor:
+    """Score |W|; unstructured masks compare the whole layer, as the official magnitude baseline does."""
+    score = weight.detach().abs().float()
+    if isinstance(sparsity, tuple):
+        return nm_mask(score, *sparsity, name=name)
+    return unstructured_mask(score, sparsity, per_row=False)
+
+
+def wanda_mask(weight: torch.Tensor, sq_norm: torch.Tensor, sparsity, name: str | None = None) -> torch.Tensor:
+    """Wanda score |W_ij| * ||X_j||_2 (sq_norm[j] = sum over calibration tokens of x_j^2), compared per row."""
+    score = weight.detach().abs().float() * sq_norm.float().sqrt()
+    if isinstance(sparsity, tuple):
+        return nm_mask(score, *sparsity, name=name)
+    return unstructured_mask(score, sparsity, per_row=True)
+
+
+@torch.no_grad()
+def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, sparsity, blocksize: int = 128,
+              percdamp: float = 0.01, name: str | None = None) -> "tuple[torch.Tensor, torch.Tensor]":
+    """SparseGPT (Frantar & Alistarh 2023, Alg. 1): prune column by column and let the later columns
+    absorb each pruned weight's error through the inverse Hessian (the OBS update).
+
+    hessian: H = (2/n) sum_t x_t x_t^T over the calibration tokens. Returns (new weight in weight.dtype,
+    mask). All math in fp32 with TF32 off, whatever the model dtype.
+    """
+    rows, cols = weight.shape
+    if isinstance(sparsity, tuple):
+        n, m = sparsity
+        if cols % m:
+            nm_mask(weight[:1], n, m, name=name)  # raises the clear error
+        blocksize = max(m, blocksize // m * m)  # an N:M group never straddles two blocks
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        W = weight.detach().float().clone()
+        H = hessian.detach().float().clone()
+        dead = torch.diag(H) == 0  # inputs that were always zero: their weights can go for free
+        H[dead, dead] = 1
+        W[:, dead] = 0
+        damp = percdamp * torch.mean(torch.diag(H))
+        Hinv = None
+        for attempt in range(4):  # H is PSD; rarely the damping is too small for fp32 Cholesky
+            L, info = torch.linalg.cholesky_ex(H + (damp * 10 ** attempt) * torch.eye(cols, device=H.device))
+            if info == 0:
+                Hinv = torch.cholesky_inverse(L)
+                Hinv, info = torch.linalg.cholesky_ex(Hinv, upper=True)  # upper factor of H^-1 (Eq. 5 note)
+                if info == 0:
+                    break
+        else:
+            raise UserError(f"{name or 'layer'}: SparseGPT's Hessian is not positive definite even with "
+                            f"{percdamp * 1000:g}x damping; use more calibration data (--nsamples)")
+        pruned = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
+        for i1 in range(0, cols, blocksize):
+            i2 = min(i1 + blocksize, cols)
+            W1 = W[:, i1:i2].clone()
+            Q1 = torch.zeros_like(W1)
+            Err1 = torch.zeros_like(W1)
+            Hinv1 = Hinv[i1:i2, i1:i2]
+            d = torch.diag(Hinv1)
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)  # True = pruned
+            if not isinstance(sparsity, tuple):  # unstructured: choose over the whole rows x block
+                score = W1 ** 2 / d.unsqueeze(0) ** 2
+                k = int(score.numel() * sparsity)
+                mask1.view(-1)[torch.sort(score.view(-1), stable=True).indices[:k]] = True
+            for i in range(i2 - i1):
+                w = W1[:, i]
+                if isinstance(sparsity, tuple) and i % m == 0:  # N:M: decide the next group with updated W
+                    score = W1[:, i:i + m] ** 2 / d[i:i + m].unsqueeze(0) ** 2
+                    mask1.scatter_(1, i + torch.topk(score, m - n, dim=1, largest=False).indices, True)
+                q = w.clone()
+                q[mask1[:, i]] = 0
+                Q1[:, i] = q
+                err = (w - q) / d[i]
+                W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)  # OBS update inside the block
+                Err1[:, i] = err
+            W[:, i1:i2] = Q1
+            pruned[:, i1:i2] = mask1
+            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # the block's error, to all later columns at once
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    mask = ~pruned
+    W[pruned] = 0.0
+    return W.to(weight.dtype), mask
+
+
+# -----------------------------------------------------------------------------
+# which layers
+
+
+def prunable_linears(model: nn.Module, layers_filter: str | None = None) -> "dict[str, nn.Linear]":
+    """The seven projections of every decoder block, by module name (layers.0.attention.wq ...).
+
+    layers_filter: comma-separated block indices or ranges and/or projection names,
+    e.g. "0-3,10", "w1,w2,w3", "0-3,wq"; a layer is kept if it matches both kinds given.
+    """
+    found = {}
+    for name, mod in model.named_modules():
+        parts = name.split(".")
+        if (len(parts) == 4 and parts[0] == "layers" and parts[2] in ("attention", "feed_forward")
+                and parts[3] in PROJECTIONS and isinstance(mod, nn.Linear)):
+            found[name] = mod
+    if not layers_filter:
+        return found
+    blocks, projs = set(), set()
+    for item in layers_filter.replace(" ", "").split(","):
+        if not item:
+            continue
+        if item[0].isdigit():
+            try:
+                lo, hi = (int(v) for v in item.split("-")) if "-" in item else (int(item), int(item))
+            except ValueError:
+                raise UserError(f"bad --layers item {item!r}: use block indices/ranges (0-3,7) "
+                                f"or projection names ({','.join(PROJECTIONS)})") from None
+            blocks.update(range(lo, hi + 1))
+        elif item in PROJECTIONS:
+            projs.add(item)
+        else:
+            raise UserError(f"bad --layers item {item!r}: use block indices/ranges (0-3,7) "
+                            f"or projection names ({','.join(PROJECTIONS)})")
+    kept = {name: mod for name, mod in found.items()
+            if (not blocks or int(name.split(".")[1]) in blocks) and (not projs or name.split(".")[3] in projs)}
+    if not kept:
+        raise UserError(f"--layers {layers_filter!r} selects no layer (the model has blocks "
+                        f"0-{len(model.layers) - 1} and projections {','.join(PROJECTIONS)})")
+    return kept
+
+
+# -----------------------------------------------------------------------------
+# calibration data
+
+
+def calibration_windows(tokenizer, paths, nsamples: int = 128, seq_len: int = 2048, seed: int = 0) -> torch.Tensor:
+    """nsamples windows of seq_len tokens, as the official Wanda/SparseGPT get_c4: a random document
+    longer than the window, then a random start in it (Python's random, seeded). Returns (nsamples, seq_len)."""
+    from data import read_documents
+    docs = read_documents([Path(p) for p in paths])
+    if not docs:
+        raise UserError(f"no calibration documents in {', '.join(map(str, paths))}")
+    rng = random.Random(seed)
+    encoded = {}  # each document is tokenized once, with the tokenizer's default BOS (as `tokenizer(text)`)
+    long_enough = None
+    windows = []
+    for _ in range(nsamples):
+        for _tries in range(100_000):
+            i = rng.randint(0, len(docs) - 1)
+            if i not in encoded:
+                encoded[i] = tokenizer.encode(docs[i])
+            if len(encoded[i]) > seq_len:
+                break
+        else:
+            long_enough = sum(len(tokenizer.encode(d)) > seq_len for d in docs)
+            raise UserError(f"only {long_enough} of {len(docs)} calibration documents are longer than "
+                            f"--calib-len {seq_len} tokens; lower --calib-len or add text")
+        ids = encoded[i]
+        j = rng.randint(0, len(ids) - seq_len - 1)
+        windows.append(ids[j:j + seq_len])
+    return torch.tensor(windows, dtype=torch.long)
+
+
+def c4_paths(data_dir) -> "list[Path]":
+    paths = sorted(Path(data_dir, "text").glob("redpajama-c4-rp*.jsonl"))
+    if not paths:
+        raise UserError(f"no C4 calibration text at {data_dir}/text/redpajama-c4-rp*.jsonl; pass --data-dir")
+    return paths
+
+
+# -----------------------------------------------------------------------------
+# sequential layer-wise pruning
+
+
+class _Stop(Exception):
+    pass
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _block_inputs(model, calib):
+    """Run the embeddings and catch what block 0 receives: its hidden states for every window, plus the
+    other arguments (rotary tables, causal mask ...) that every block gets unchanged."""
+    captured = []
+
+    def catch(module, args, kwargs):
+        captured.append((args, kwargs))
+        raise _Stop
+
+    handle = model.layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    device = next(model.parameters()).device
+    hidden = None
+    try:
+        for i in range(calib.shape[0]):
+            try:
+                model(calib[i:i + 1].to(device))
+            except _Stop:
+                pass
+            args, kwargs = captured.pop()
+            if hidden is None:  # one buffer, overwritten block by block (outputs replace inputs)
+                hidden = torch.empty((calib.shape[0],) + args[0].shape[1:], dtype=args[0].dtype, device=device)
+                rest = (args[1:], kwargs)
+            hidden[i] = args[0][0]
+    finally:
+        handle.remove()
+    return hidden, rest
+
+
+def _run_block(block, x, rest):
+    out = block(x, *rest[0], **rest[1])
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def prune(model: nn.Module, method: str, sparsity, calib: torch.Tensor | None = None,
+          layers: str | None = None, blocksize: int = 128, percdamp: float = 0.01,
+          report: dict | None = None, log=print) -> "dict[str, torch.Tensor]":
+    """Prune model in place; returns {module name: bool mask (True = kept)}.
+
+    method: magnitude | wanda | sparsegpt. sparsity: (n, m) or a float (or a string for parse_sparsity).
+    calib: LongTensor (nsamples, seq_len) of calibration windows (Wanda and SparseGPT).
+    report: if a dict, filled with seconds spent in block forwards and in the method's own work.
+    """
+    if method not in METHODS:
+        raise UserError(f"unknown --method {method!r}: choose one of {', '.join(METHODS)}")
+    if isinstance(sparsity, str):
+        sparsity = parse_sparsity(sparsity)
+    targets = prunable_linears(model, layers)
+    if isinstance(sparsity, tuple):  # fail before any work if a dimension can't take N:M
+        for name, lin in targets.items():
+            if lin.in_features % sparsity[1]:
+                nm_mask(lin.weight[:1], *sparsity, name=name)
+    device = next(model.parameters()).device
+    masks = {}
+    fwd_s = work_s = 0.0
+    t_start = time.perf_counter()
+
+    if method == "magnitude":  # needs no data
+        for name, lin in targets.items():
+            t0 = time.perf_counter()
+            mask = magnitude_mask(lin.weight, sparsity, name=name)
+            lin.weight.mul_(mask)
+            masks[name] = mask
+            work_s += time.perf_counter() - t0
+        if report is not None:
+            report.update(forward_s=0.0, method_s=work_s, total_s=time.perf_counter() - t_start)
+        return masks
+
+    if calib is None or calib.numel() == 0:
+        raise UserError(f"{method} needs calibration windows (calib)")
+    t0 = time.perf_counter()
+    hidden, rest = _block_inputs(model, calib)
+    _sync(device)
+    fwd_s += time.perf_counter() - t0
+    last = max(int(name.split(".")[1]) for name in targets)
+    for b in range(last + 1):
+        block = model.layers[b]
+        names = [name for name in targets if int(name.split(".")[1]) == b]
+        tb = time.perf_counter()
+        hook_s = 0.0
+        if names:
+            # statistics of each layer's input. q,k,v (and w1,w3) read the same tensor: accumulate it once
+            stats, owner, seen, handles = {}, {}, {}, []
+
+            def hook(name):
+                def f(module, args):
+                    nonlocal hook_s
+                    t = time.perf_counter()
+                    x = args[0]
+                    if name not in owner:
+                        owner[name] = seen.setdefault(id(x), (x, name))[1]
+                    if owner[name] == name:
+                        x = x.reshape(-1, x.shape[-1]).float()
+                        if name not in stats:
+                            d = x.shape[1]
+                            stats[name] = (torch.zeros(d, d, device=x.device) if method == "sparsegpt"
+                                           else torch.zeros(d, device=x.device))
+                        if method == "sparsegpt":
+                            stats[name].addmm_(x.T, x)  # sum_t x x^T
+                        else:
+                            stats[name].add_((x * x).sum(0))  # sum_t x_j^2
+                        _sync(x.device)
+                    hook_s += time.perf_counter() - t
+                return f
+
+            for name in names:
+                handles.append(targets[name].register_forward_pre_hook(hook(name)))
+            try:
+                for i in range(hidden.shape[0]):
+                    _run_block(block, hidden[i:i + 1], rest)
+                    seen.clear()  # owners are decided on the first window; don't hold its tensors
+            finally:
+                for h in handles:
+                    h.remove()
+            _sync(device)
+            t_fwd1 = time.perf_counter() - tb - hook_s
+            ntokens = hidden.shape[0] * hidden.shape[1]
+            t = time.perf_counter()
+            for name in names:
+                lin, stat = targets[name], stats[owner[name]]
+                if method == "wanda":
+                    mask = wanda_mask(lin.weight, stat, sparsity, name=name)
+                    lin.weight.mul_(mask)
+                else:
+                    new, mask = sparsegpt(lin.weight, stat * (2.0 / ntokens), sparsity,
+                                          blocksize=blocksize, percdamp=percdamp, name=name)
+                    lin.weight.copy_(new)
+                masks[name] = mask
+            del stats
+            _sync(device)
+            t_prune = time.perf_counter() - t
+        else:
+            t_fwd1 = t_prune = 0.0
+        t = time.perf_counter()
+        if b < last:  # the pruned block's outputs are the next block's inputs
+            for i in range(hidden.shape[0]):
+                hidden[i:i + 1] = _run_block(block, hidden[i:i + 1], rest)
+            _sync(device)
+        t_fwd2 = time.perf_counter() - t
+        fwd_s += t_fwd1 + t_fwd2
+        work_s += hook_s + t_prune
+        log(f"block {b + 1}/{len(model.layers)}: {len(names)} layers {method} {sparsity_str(sparsity)} | "
+            f"forward {t_fwd1 + t_fwd2:.1f}s, {method} {hook_s + t_prune:.1f}s "
+            f"(stats {hook_s:.1f}s, prune {t_prune:.1f}s)", flush=True)
+    del hidden
+    if report is not None:
+        report.update(forward_s=fwd_s, method_s=work_s, total_s=time.perf_counter() - t_start)
+    return masks
+
+
+def verify(model: nn.Module, masks: "dict[str, torch.Tensor]", sparsity) -> None:
+    """Every pruned layer obeys its mask exactly and the pattern; raises otherwise."""
+    modules = dict(model.named_modules())
+    bad = [name for name, mask in masks.items() if not check_layer(modules[name].weight, mask, sparsity)]
+    if bad:
+        raise RuntimeError(f"pattern {sparsity_str(sparsity)} violated in {len(bad)} layers: {bad[:5]}")
+
+
+# -----------------------------------------------------------------------------
+# memory
+
+
+def reset_peak_memory(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:  # Linux: resets the process's peak resident set size (VmHWM)
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+
+def peak_memory_gb(device) -> float:
+    """Peak GPU memory allocated by torch, or on CPU the process's peak resident memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 2 ** 30
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2 ** 30
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+@dataclass
+class Config:
+    ckpt: str = "smollm2-135m"  # model name or checkpoint path (model.load)
+    method: str = "wanda"  # magnitude | wanda | sparsegpt
+    sparsity: str = "2:4"  # N:M (2:4, 4:8) or a pruned fraction (0.5)
+    out: str | None = None  # directory for the pruned checkpoint (weights with exact zeros + masks)
+    nsamples: int = 128  # calibration windows
+    calib_len: int = 2048  # tokens per calibration window
+    seq_len: int = 2048  # WikiText-2 perplexity window
+    limit: int | None = None  # evaluate only the first N perplexity windows
+    data_dir: str | None = None  # default ./data, then ../shared/data
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype: str = "float32"  # model dtype: float32 | bfloat16 | float16 (SparseGPT math is fp32 anyway)
+    layers: str | None = None  # restrict pruning, e.g. "0-3,10" or "w1,w2,w3"
+    seed: int = 0  # calibration sampling seed
+    blocksize: int = 128  # SparseGPT column block
+    percdamp: float = 0.01  # SparseGPT damping, fraction of mean(diag H)
+    eval: bool = True  # measure dense and pruned WikiText-2 perplexity
+
+
+def parse_args(argv=None) -> Config:
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        kind = next(t for t in getattr(f.type, "__args__", (f.type,)) if t is not type(None))  # int | None -> int
+        if kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            p.add_argument(flag, type=kind, default=f.default)
+    return Config(**vars(p.parse_args(argv)))
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    sparsity = parse_sparsity(cfg.sparsity)
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if cfg.dtype not in dtypes:
+        raise UserError(f"unknown --dtype {cfg.dtype!r}: choose one of {', '.join(dtypes)}")
+    if cfg.method not in METHODS:
+        raise UserError(f"unknown --method {cfg.method!r}: choose one of {', '.join(METHODS)}")
+    import checkpoint
+    import data
+    from model import load
+    device = torch.device(cfg.device)
+    data_dir = data.resolve_data_dir(cfg.data_dir)
+    model, tokenizer = load(cfg.ckpt, device=cfg.device, dtype=dtypes[cfg.dtype])
+    protocol = f"WikiText-2 test, seq-len {cfg.seq_len}" + (f", first {cfg.limit} windows" if cfg.limit else ", all windows")
+
+    def ppl():
+        from eval import perplexity
+        return perplexity(model, tokenizer, text, cfg.seq_len, limit=cfg.limit)
+
+    results = {"method": cfg.method, "sparsity": sparsity_str(sparsity)}
+    if cfg.eval:
+        text = data.wikitext2_text(data_dir)
+        t = time.perf_counter()
+        results["dense_ppl"] = ppl()
+        print(f"dense ppl {results['dense_ppl']:.3f} ({protocol}; {time.perf_counter() - t:.0f}s)", flush=True)
+
+    calib = None
+    if cfg.method != "magnitude":
+        calib = calibration_windows(tokenizer, c4_paths(data_dir), cfg.nsamples, cfg.calib_len, cfg.seed)
+        print(f"calibration: {calib.shape[0]} windows x {calib.shape[1]} tokens of C4, seed {cfg.seed}", flush=True)
+    reset_peak_memory(device)
+    report = {}
+    masks = prune(model, cfg.method, sparsity, calib, layers=cfg.layers, blocksize=cfg.blocksize,
+                  percdamp=cfg.percdamp, report=report)
+    results.update(report, peak_memory_gb=peak_memory_gb(device))
+    verify(model, masks, sparsity)
+    print(f"verified {sparsity_str(sparsity)} on {len(masks)} layers", flush=True)
+    work = f", {cfg.method}'s own work {report['method_s']:.1f}s" if cfg.method != "magnitude" else ""
+    ratio = (f" ({report['method_s'] / report['forward_s']:.2f}x the forward time)"
+             if report["forward_s"] > 0 else "")
+    print(f"{cfg.method} {sparsity_str(sparsity)}: {report['total_s']:.1f}s total, block forwards "
+          f"{report['forward_s']:.1f}s{work}{ratio}; peak memory {results['peak_memory_gb']:.2f} GB "
+          f"({'GPU allocated' if device.type == 'cuda' else 'process RSS'})", flush=True)
+    if cfg.eval:
+        results["ppl"] = ppl()
+        print(f"{cfg.method} {sparsity_str(sparsity)} ppl {results['ppl']:.3f} ({protocol})", flush=True)
+    if cfg.out:
+        meta = {"pruning": dict(results, nsamples=cfg.nsamples, calib_len=cfg.calib_len, seed=cfg.seed,
+                                layers=cfg.layers, ckpt=cfg.ckpt, protocol=protocol)}
+        checkpoint.save(model, tokenizer, cfg.out, masks={k: v.cpu() for k, v in masks.items()}, meta=meta)
+        print(f"saved {cfg.out}", flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    from model import cli_main
+    cli_main(main)

@@ -1,0 +1,323 @@
+"""Masks, the three pruning criteria against brute-force definitions, SparseGPT's invariants, and the
+sequential pipeline on a tiny Llama."""
+import copy
+import json
+
+import pytest
+import torch
+
+import sparsity as sp
+from model import ModelArgs, Transformer, UserError
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    kw = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, hidden_dim=128, max_seq_len=64)
+    kw.update(overrides)
+    return Transformer(ModelArgs(**kw)).eval()
+
+
+def correlated_inputs(n_tokens, dim, seed=0):
+    """Inputs with strongly correlated features of very different scales (as real activations)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n_tokens, dim // 4, generator=g) @ torch.randn(dim // 4, dim, generator=g)
+    X = base + 0.3 * torch.randn(n_tokens, dim, generator=g)
+    return X * torch.exp(torch.randn(dim, generator=g))  # per-feature scales over ~e^±2
+
+
+# -----------------------------------------------------------------------------
+# patterns
+
+
+def test_parse_sparsity():
+    assert sp.parse_sparsity("2:4") == (2, 4)
+    assert sp.parse_sparsity("4:8") == (4, 8)
+    assert sp.parse_sparsity("0.5") == 0.5
+    assert sp.parse_sparsity("50%") == 0.5
+    for bad in ["3:2", "0:4", "1.0", "-0.1", "half", "2:4:8"]:
+        with pytest.raises(UserError):
+            sp.parse_sparsity(bad)
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4), (3, 8), (2, 2)])
+def test_nm_mask_keeps_exactly_n_largest_of_every_m(n, m):
+    score = torch.randn(16, 8 * m)
+    mask = sp.nm_mask(score, n, m)
+    assert mask.dtype == torch.bool and mask.shape == score.shape
+    groups, kept = score.reshape(-1, m), mask.reshape(-1, m)
+    assert (kept.sum(-1) == n).all()
+    for g, k in zip(groups.tolist(), kept.tolist()):  # brute force: the kept ones are the n largest
+        assert sorted(i for i in range(m) if k[i]) == sorted(sorted(range(m), key=lambda i: -g[i])[:n])
+    assert sp.check_mask(mask, (n, m)) and sp.check_nm(score * mask, n, m)
+    assert not sp.check_nm(score, n, m) or n == m
+
+
+def test_nm_mask_with_ties_still_keeps_exactly_n():
+    score = torch.zeros(4, 16)  # all tied, as |w| on a 4-bit grid often is
+    assert (sp.nm_mask(score, 2, 4).reshape(-1, 4).sum(-1) == 2).all()
+    mask = sp.unstructured_mask(torch.zeros(4, 16), 0.5)
+    assert (mask.sum(-1) == 8).all()
+
+
+def test_nm_error_names_the_layer():
+    with pytest.raises(UserError, match=r"layers\.3\.feed_forward\.w2.*input dim 10.*M=4"):
+        sp.nm_mask(torch.randn(4, 10), 2, 4, name="layers.3.feed_forward.w2")
+
+
+def test_checkers_reject_wrong_patterns():
+    w = torch.randn(8, 16)
+    mask = sp.nm_mask(w.abs(), 2, 4)
+    assert sp.check_layer(w * mask, mask, (2, 4))
+    assert not sp.check_layer(w, mask, (2, 4))  # pruned entries not zero
+    bad = mask.clone()
+    bad[0, :4] = True
+    assert not sp.check_mask(bad, (2, 4)) and not sp.check_mask(mask.int(), (2, 4))
+    assert sp.check_mask(sp.unstructured_mask(w, 0.5), 0.5) and not sp.check_mask(mask | True, 0.5)
+
+
+# -----------------------------------------------------------------------------
+# criteria vs brute-force definitions
+
+
+def brute_prune_rows(score, k):
+    """For each row, the set of the k smallest-score columns (plain Python)."""
+    return [set(sorted(range(len(row)), key=lambda j: (row[j], j))[:k]) for row in score.tolist()]
+
+
+def brute_nm(score, n, m):
+    mask = []
+    for row in score.tolist():
+        keep = set()
+        for g in range(0, len(row), m):
+            keep |= set(sorted(range(g, g + m), key=lambda j: -row[j])[:n])
+        mask.append([j in keep for j in range(len(row))])
+    return torch.tensor(mask)
+
+
+def test_magnitude_mask_equals_brute_force():
+    w = torch.randn(12, 32)
+    flat = w.abs().flatten().tolist()
+    k = int(len(flat) * 0.5)
+    pruned = set(sorted(range(len(flat)), key=lambda i: flat[i])[:k])  # whole layer, as the official baseline
+    expect = torch.tensor([i not in pruned for i in range(len(flat))]).reshape(w.shape)
+    assert torch.equal(sp.magnitude_mask(w, 0.5), expect)
+    assert torch.equal(sp.magnitude_mask(w, (2, 4)), brute_nm(w.abs(), 2, 4))
+    assert torch.equal(sp.magnitude_mask(w, (4, 8)), brute_nm(w.abs(), 4, 8))
+
+
+def test_wanda_mask_equals_brute_force():
+    w, X = torch.randn(12, 32), correlated_inputs(200, 32)
+    sq = (X * X).sum(0)
+    score = [[abs(w[i, j].item()) * sum(X[t, j].item() ** 2 for t in range(X.shape[0])) ** 0.5
+              for j in range(32)] for i in range(12)]
+    score = torch.tensor(score, dtype=torch.float64)
+    pruned = brute_prune_rows(score, 16)
+    expect = torch.tensor([[j not in pruned[i] for j in range(32)] for i in range(12)])
+    assert torch.equal(sp.wanda_mask(w, sq, 0.5), expect)
+    assert torch.equal(sp.wanda_mask(w, sq, (2, 4)), brute_nm(score, 2, 4))
+
+
+# -----------------------------------------------------------------------------
+# SparseGPT
+
+
+def recon_error(X, W, W_hat):
+    return torch.linalg.norm(X @ W.T - X @ W_hat.T).item()
+
+
+@pytest.mark.parametrize("pattern", [0.5, (2, 4)])
+def test_reconstruction_error_sparsegpt_lt_wanda_lt_magnitude(pattern):
+    X = correlated_inputs(2048, 256, seed=1)
+    W = torch.randn(64, 256, generator=torch.Generator().manual_seed(2))
+    H = 2 * X.T @ X / X.shape[0]
+    err_mag = recon_error(X, W, W * sp.magnitude_mask(W, pattern))
+    err_wanda = recon_error(X, W, W * sp.wanda_mask(W, (X * X).sum(0), pattern))
+    W_sgpt, mask = sp.sparsegpt(W, H, pattern)
+    assert sp.check_layer(W_sgpt, mask, pattern)
+    err_sgpt = recon_error(X, W, W_sgpt)
+    assert err_sgpt < err_wanda < err_mag, (err_sgpt, err_wanda, err_mag)
+
+
+@pytest.mark.parametrize("pattern", [0.0, (4, 4)])
+def test_sparsegpt_without_pruning_returns_weights_unchanged(pattern):
+    X = correlated_inputs(512, 64)
+    W = torch.randn(16, 64)
+    W_new, mask = sp.sparsegpt(W, 2 * X.T @ X / 512, pattern, blocksize=16)
+    assert mask.all() and torch.equal(W_new, W)
+
+
+def test_sparsegpt_blocks_are_exact_lazy_updates():
+    """Blocks only batch the OBS updates: N:M results don't depend on the block size (to fp32 rounding)."""
+    X = correlated_inputs(1024, 96, seed=3)
+    W = torch.randn(24, 96)
+    H = 2 * X.T @ X / 1024
+    W_a, m_a = sp.sparsegpt(W, H, (2, 4), blocksize=8)
+    W_b, m_b = sp.sparsegpt(W, H, (2, 4), blocksize=96)
+    assert torch.equal(m_a, m_b)
+    torch.testing.assert_close(W_a, W_b, rtol=1e-4, atol=1e-4)
+
+
+def test_sparsegpt_handles_dead_inputs_and_low_precision():
+    X = correlated_inputs(512, 64)
+    X[:, 5] = 0  # an input that never fires: H_jj = 0
+    W = torch.randn(16, 64).to(torch.bfloat16)
+    W_new, mask = sp.sparsegpt(W, 2 * X.T @ X / 512, (2, 4), blocksize=32)
+    assert W_new.dtype == torch.bfloat16 and torch.isfinite(W_new.float()).all()
+    assert (W_new[:, 5] == 0).all() and sp.check_layer(W_new, mask, (2, 4))
+
+
+def test_sparsegpt_reduces_error_over_its_own_mask():
+    """The OBS update is what SparseGPT adds: its weights beat its own mask applied to the dense weights."""
+    X = correlated_inputs(1024, 128, seed=4)
+    W = torch.randn(32, 128)
+    W_new, mask = sp.sparsegpt(W, 2 * X.T @ X / 1024, (2, 4))
+    assert recon_error(X, W, W_new) < 0.8 * recon_error(X, W, W * mask)
+
+
+# -----------------------------------------------------------------------------
+# layers and the sequential pipeline on a tiny Llama
+
+
+def test_prunable_linears_are_the_seven_projections():
+    model = tiny_model(tie_embeddings=True)
+    names = list(sp.prunable_linears(model))
+    assert len(names) == 14 and names[0] == "layers.0.attention.wq" and names[-1] == "layers.1.feed_forward.w3"
+    assert not any("embeddings" in n or "norm" in n or n == "output" for n in names)
+    assert list(sp.prunable_linears(model, "1,w1,w2")) == ["layers.1.feed_forward.w1", "layers.1.feed_forward.w2"]
+    assert len(sp.prunable_linears(model, "0-1")) == 14
+    for bad in ["7", "wz", "1-x"]:
+        with pytest.raises(UserError):
+            sp.prunable_linears(model, bad)
+
+
+def capture_inputs(model, calib, names):
+    """Inputs of the named linears for the whole calibration batch, through full model forwards."""
+    modules, got, handles = dict(model.named_modules()), {n: [] for n in names}, []
+    for n in names:
+        handles.append(modules[n].register_forward_pre_hook(lambda m, a, n=n: got[n].append(a[0].reshape(-1, a[0].shape[-1]))))
+    with torch.no_grad():
+        model(calib)
+    for h in handles:
+        h.remove()
+    return {n: torch.cat(v).double() for n, v in got.items()}
+
+
+@pytest.mark.parametrize("pattern", [0.5, (2, 4)])
+def test_sequential_wanda_equals_reference(pattern):
+    """Block l is scored on the outputs of the already-pruned blocks < l: rebuild that with full forwards."""
+    model = tiny_model()
+    calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    ref = copy.deepcopy(model)
+    masks = sp.prune(model, "wanda", pattern, calib, log=lambda *a, **k: None)
+    modules = dict(ref.named_modules())
+    for b in range(2):
+        names = [n for n in sp.prunable_linears(ref) if n.startswith(f"layers.{b}.")]
+        X = capture_inputs(ref, calib, names)
+        for n in names:
+            score = modules[n].weight.double().abs() * X[n].pow(2).sum(0).sqrt()
+            if isinstance(pattern, tuple):
+                expect = brute_nm(score, *pattern)
+            else:
+                k = int(score.shape[1] * pattern)
+                expect = torch.ones_like(score, dtype=torch.bool)
+                for i, cols in enumerate(brute_prune_rows(score, k)):
+                    expect[i, list(cols)] = False
+            assert torch.equal(masks[n], expect), n
+        with torch.no_grad():
+            for n in names:
+                modules[n].weight.mul_(masks[n])
+    for n, p in model.state_dict().items():
+        torch.testing.assert_close(p, ref.state_dict()[n], rtol=0, atol=0)
+
+
+def test_sequential_sparsegpt_uses_pruned_inputs():
+    model = tiny_model(seed=1)
+    calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
+    ref = copy.deepcopy(model)
+    masks = sp.prune(model, "sparsegpt", (2, 4), calib, log=lambda *a, **k: None)
+    modules, pruned = dict(ref.named_modules()), dict(model.named_modules())
+    for b in range(2):
+        names = [n for n in sp.prunable_linears(ref) if n.startswith(f"layers.{b}.")]
+        X = capture_inputs(ref, calib, names)
+        with torch.no_grad():
+            for n in names:
+                W_new, mask = sp.sparsegpt(modules[n].weight, (2 * X[n].T @ X[n] / X[n].shape[0]).float(), (2, 4))
+                assert torch.equal(mask, masks[n]), n
+                torch.testing.assert_close(W_new, pruned[n].weight, rtol=1e-4, atol=1e-5)
+                modules[n].weight.copy_(pruned[n].weight)
+
+
+@pytest.mark.parametrize("method", sp.METHODS)
+@pytest.mark.parametrize("pattern", ["0.5", "2:4", "4:8"])
+def test_prune_every_method_and_pattern(method, pattern):
+    model = tiny_model()
+    calib = torch.randint(0, 256, (2, 16))
+    report = {}
+    masks = sp.prune(model, method, pattern, calib, report=report, log=lambda *a, **k: None)
+    assert sorted(masks) == sorted(sp.prunable_linears(model))
+    sp.verify(model, masks, sp.parse_sparsity(pattern))
+    assert model.tok_embeddings.weight.count_nonzero() == model.tok_embeddings.weight.numel()
+    assert report["total_s"] >= report["method_s"] >= 0
+    with torch.no_grad():
+        assert torch.isfinite(model(calib)).all()
+
+
+def test_layers_filter_prunes_only_those():
+    model = tiny_model()
+    before = copy.deepcopy(model.state_dict())
+    masks = sp.prune(model, "sparsegpt", "2:4", torch.randint(0, 256, (2, 16)), layers="0,w2", log=lambda *a, **k: None)
+    assert list(masks) == ["layers.0.feed_forward.w2"]
+    for n, p in model.state_dict().items():
+        assert torch.equal(p, before[n]) == (n != "layers.0.feed_forward.w2.weight"), n
+
+
+def test_indivisible_dim_is_a_clear_error_before_any_work():
+    model = tiny_model(hidden_dim=100)  # w2's input dim 100 is not a multiple of 8
+    w = model.layers[0].attention.wq.weight.clone()
+    with pytest.raises(UserError, match=r"layers\.0\.feed_forward\.w2: input dim 100 is not a multiple of M=8"):
+        sp.prune(model, "wanda", "4:8", torch.randint(0, 256, (2, 16)), log=lambda *a, **k: None)
+    assert torch.equal(model.layers[0].attention.wq.weight, w)
+
+
+def test_calibration_windows_follow_the_official_sampler(tmp_path):
+    class ByteTokenizer:
+        add_bos = False
+
+        def encode(self, text, bos=None, eos=False):
+            return list(text.encode())
+
+    docs = ["short", "x" * 10, "abcdefghijklmnopqrstuvwxyz" * 3, "0123456789" * 5]
+    path = tmp_path / "c4.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    calib = sp.calibration_windows(ByteTokenizer(), [path], nsamples=6, seq_len=20, seed=0)
+    assert calib.shape == (6, 20)
+    for row in calib.tolist():  # every window is a slice of a document longer than the window
+        s = bytes(row).decode()
+        assert any(s in d and len(d) > 20 for d in docs)
+    assert torch.equal(calib, sp.calibration_windows(ByteTokenizer(), [path], nsamples=6, seq_len=20, seed=0))
+    assert not torch.equal(calib, sp.calibration_windows(ByteTokenizer(), [path], nsamples=6, seq_len=20, seed=1))
+    with pytest.raises(UserError, match="longer than"):
+        sp.calibration_windows(ByteTokenizer(), [path], nsamples=2, seq_len=100)
+
+
+def test_saved_checkpoint_keeps_exact_zeros_and_masks(tmp_path):
+    checkpoint = pytest.importorskip("checkpoint")
+    model = tiny_model()
+    masks = sp.prune(model, "sparsegpt", "2:4", torch.randint(0, 256, (2, 16)), log=lambda *a, **k: None)
+    checkpoint.save(model, None, tmp_path / "ck", masks=masks)
+    loaded = checkpoint.load(tmp_path / "ck", tokenizer=False)
+    loaded = loaded[0] if isinstance(loaded, tuple) else loaded
+    back = checkpoint.load_masks(tmp_path / "ck")
+    assert sorted(back) == sorted(masks)
+    modules = dict(loaded.named_modules())
+    for n, mask in masks.items():
+        assert back[n].dtype == torch.bool and torch.equal(back[n], mask)
+        assert torch.equal(modules[n].weight, dict(model.named_modules())[n].weight)
+        assert (modules[n].weight[~mask] == 0).all() and sp.check_nm(modules[n].weight, 2, 4)
+
+
+def test_cli_rejects_bad_input():
+    with pytest.raises(UserError, match="sparsity"):
+        sp.main(["--sparsity", "5:4"])
+    with pytest.raises(UserError, match="method"):
+        sp.main(["--method", "obs"])
