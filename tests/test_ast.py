@@ -1,0 +1,244 @@
+"""train_ast.py: the AST method on tiny models (CPU, seconds), resume, DDP equivalence, and a behaviour test."""
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train_ast
+from model import ModelArgs, Transformer
+from sparsity import check_nm, nm_mask, prunable_linears
+from train_ast import ARSAdamW, ASTArgs, SparseLinear, ast_loss, slorb_init, sparsify, train_step, update_masks
+from training import TokenBatches
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def tiny(seed=0, vocab=258, dim=64, hidden=128, n_layers=2):
+    torch.manual_seed(seed)
+    return Transformer(ModelArgs(dim=dim, n_layers=n_layers, n_heads=4, n_kv_heads=2, vocab_size=vocab,
+                                 hidden_dim=hidden, max_seq_len=256))
+
+
+def magnitude_masks(model):
+    return {n: nm_mask(l.weight.detach().abs(), 2, 4) for n, l in prunable_linears(model).items()}
+
+
+def byte_tokenizer():
+    from tokenizer import TiktokenTokenizer
+    return TiktokenTokenizer({bytes([i]): i for i in range(256)}, {"<s>": 256, "</s>": 257}, r"\S+|\s+",
+                             bos_id=256, eos_id=257, add_bos=False, specials_in_text=False, name="bytes")
+
+
+# ----------------------------------------------------------------------------- the method, piece by piece
+
+def test_masks_stay_bool_and_2_4_after_every_update():
+    student = tiny()
+    teacher = tiny()
+    layers = sparsify(student, magnitude_masks(student))
+    assert len(layers) == 2 * 7
+    init = {n: l.mask.clone() for n, l in layers.items()}
+    args = ASTArgs(lr=3e-2, warmup_steps=1, max_steps=6, batch_size=2, seq_len=16, decay_max=1e-2)
+    opt = ARSAdamW(student.parameters(), {l.weight: l.mask for l in layers.values()}, lr=args.lr)
+    batches = TokenBatches(np.random.default_rng(0).integers(0, 256, 5000).astype(np.uint32), 16, 2, seed=0)
+    flips = []
+    for step in range(6):
+        train_step(student, teacher, opt, batches, step, args, "cpu", torch.float32)
+        flips.append(update_masks(layers, init))  # every step
+        for layer in layers.values():
+            assert layer.mask.dtype == torch.bool
+            assert bool((layer.mask.reshape(-1, 4).sum(-1) == 2).all())
+            assert check_nm(layer.weight * layer.mask, 2, 4)
+    assert flips[-1][1] > 0  # with lr 3e-2 some masks really moved, and the rate counts them
+    assert all(0 <= a <= 1 and 0 <= b <= 1 for a, b in flips)
+
+
+@pytest.mark.parametrize("form", ["adamw", "grad"])
+def test_decay_shrinks_pruned_weights_and_leaves_kept_alone(form):
+    # regression test for the official GPT-2 code, whose `~mask` on an int tensor pushed weights away from 0
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(8, 16).sign() * (0.1 + torch.rand(8, 16)))  # |w| >= 0.1 > 3 steps of lr
+    mask = nm_mask(w.detach().abs(), 2, 4)
+    before = w.detach().clone()
+    opt = ARSAdamW([w], {w: mask}, lr=1e-2, form=form)
+    opt.param_groups[0]["mask_decay"] = 0.5
+    for _ in range(3):
+        w.grad = torch.zeros_like(w)  # no task gradient: only the decay acts
+        opt.step()
+    after = w.detach()
+    assert torch.equal(after[mask], before[mask])  # kept weights untouched
+    assert bool((after[~mask].abs() < before[~mask].abs()).all())  # pruned weights pulled toward zero ...
+    assert bool((after[~mask].sign() == before[~mask].sign()).all())  # ... without overshooting
+
+
+@pytest.mark.parametrize("form", ["adamw", "grad"])
+def test_optimizer_is_adamw_without_decay(form):
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(8, 16))
+    b = torch.nn.Parameter(a.detach().clone())
+    ours = ARSAdamW([a], {a: nm_mask(a.detach().abs(), 2, 4)}, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, form=form)
+    ref = torch.optim.AdamW([b], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    for _ in range(4):
+        g = torch.randn(8, 16)
+        a.grad, b.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+    torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_paper_form_keeps_decay_out_of_first_moment():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(4, 8))
+    mask = nm_mask(w.detach().abs(), 2, 4)
+    g = torch.randn(4, 8)
+    w0 = w.detach().clone()
+    opt = ARSAdamW([w], {w: mask}, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, form="adamw")
+    opt.param_groups[0]["mask_decay"] = 0.1
+    w.grad = g.clone()
+    opt.step()
+    decay = 0.1 * w0 * ~mask
+    torch.testing.assert_close(opt.state[w]["exp_avg"], 0.1 * g)  # m = (1 - β1) g: no decay in it
+    v = 0.05 * (g + decay) ** 2
+    expected = w0 - 1e-3 * (0.1 * g / 0.1 + decay) / ((v / 0.05).sqrt() + 1e-8)  # bias-corrected
+    torch.testing.assert_close(w.detach(), expected)
+
+
+def test_ste_forward_is_masked_and_backward_reaches_pruned_weights():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(16, 8, bias=False)
+    mask = nm_mask(linear.weight.detach().abs(), 2, 4)
+    layer = SparseLinear(linear, mask)
+    x = torch.randn(3, 16)
+    y = layer(x)
+    assert torch.equal(y, F.linear(x, linear.weight.detach() * mask))  # exact W ⊙ M forward
+    g_out = torch.randn_like(y)
+    y.backward(g_out)
+    torch.testing.assert_close(layer.weight.grad, g_out.T @ x)  # dense gradient, pruned entries included
+    assert bool((layer.weight.grad[~mask] != 0).all())
+
+
+def test_kl_term_equals_its_definition():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    y = torch.randint(0, 11, (2, 5))
+    T, alpha = 2.0, 0.67
+    p_s = torch.softmax(s.double() / T, -1)
+    p_t = torch.softmax(t.double() / T, -1)
+    forward_kl = (p_t * (p_t / p_s).log()).sum(-1).mean()  # KL(teacher ‖ student), summed over vocab, mean over tokens
+    reverse_kl = (p_s * (p_s / p_t).log()).sum(-1).mean()
+    ce = F.cross_entropy(s.reshape(-1, 11), y.reshape(-1))
+    loss, ce_out, kl = ast_loss(s, y, t, alpha, T, "forward")
+    torch.testing.assert_close(kl.double(), forward_kl, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(loss.double(), alpha * T * T * forward_kl + (1 - alpha) * ce.double(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(ast_loss(s, y, t, alpha, T, "reverse")[2].double(), reverse_kl, rtol=1e-5, atol=1e-7)
+    assert ast_loss(s, y, None, alpha, T)[0] == ce_out  # no teacher: plain CE
+    assert ast_loss(s, y, s, alpha, T)[2].abs() < 1e-6  # same distributions: KL 0
+
+
+def test_slorb_init_keeps_each_groups_weight_sum():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(32, 6, bias=False)
+    w = linear.weight.detach().clone()
+    mask = nm_mask(w.abs(), 2, 4)
+    x_mat, s_mat = slorb_init(w, mask, 16)
+    assert x_mat.shape == (2, 32) and s_mat.shape == (6, 2)
+    assert torch.equal(x_mat.sum(0), torch.ones(32)) and torch.equal(x_mat[1, 16:], torch.ones(16))
+    effective = w * mask + s_mat @ x_mat
+    torch.testing.assert_close(effective.view(6, 2, 16).sum(-1), w.view(6, 2, 16).sum(-1))
+    layer = SparseLinear(linear, mask, slorb_k=16)
+    x = torch.randn(4, 32)
+    torch.testing.assert_close(layer(x), F.linear(x, effective))
+    assert layer.slorb_x.requires_grad and layer.slorb_s.requires_grad  # X trainable, as in the official runs
+
+
+# ----------------------------------------------------------------------------- the script end to end
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny checkpoint with a byte tokenizer and a small data dir (text/ + wikitext-2-raw/)."""
+    import checkpoint
+    root = tmp_path_factory.mktemp("ast")
+    model = tiny(seed=1)
+    checkpoint.save(model, byte_tokenizer(), root / "tiny")
+    data = root / "data"
+    (data / "text").mkdir(parents=True)
+    (data / "wikitext-2-raw").mkdir()
+    shakespeare = (SHARED / "text" / "tinyshakespeare.txt").read_text()
+    (data / "text" / "tinyshakespeare.txt").write_text(shakespeare[:60_000])
+    (data / "wikitext-2-raw" / "wiki.test.raw").write_text(shakespeare[-20_000:])
+    return root
+
+
+def run_args(root, out, *extra):
+    return ["--ckpt", str(root / "tiny"), "--data-dir", str(root / "data"), "--out", str(out), "--seq-len", "32",
+            "--batch-size", "4", "--max-steps", "6", "--warmup-steps", "2", "--lr", "1e-2", "--mask-interval", "2",
+            "--decay-max", "1e-2", "--eval-windows", "4", "--eval-interval", "0", "--log-interval", "100",
+            "--decay-warmup", "3", *extra]
+
+
+def weights(out):
+    from safetensors.torch import load_file
+    return load_file(str(Path(out) / "final" / "model.safetensors"))
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared/data")
+def test_resume_after_a_kill_is_bit_identical(tiny_run, monkeypatch, capsys):
+    monkeypatch.chdir(tiny_run)
+    train_ast.main(run_args(tiny_run, tiny_run / "straight", "--ckpt-interval", "3", "--slorb-k", "16"))
+    real_check = train_ast.check_finite
+
+    def killed_at_step_5(loss, step, last_ckpt):
+        if step == 5:
+            raise KeyboardInterrupt  # the process dies after the step-3 checkpoint, mid step 5
+        real_check(loss, step, last_ckpt)
+    monkeypatch.setattr(train_ast, "check_finite", killed_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train_ast.main(run_args(tiny_run, tiny_run / "killed", "--ckpt-interval", "3", "--slorb-k", "16"))
+    monkeypatch.setattr(train_ast, "check_finite", real_check)
+    train_ast.main(run_args(tiny_run, tiny_run / "killed", "--ckpt-interval", "3", "--slorb-k", "16", "--resume"))
+    a, b = weights(tiny_run / "straight"), weights(tiny_run / "killed")
+    assert a.keys() == b.keys() and any("slorb_s" in k for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the export: exact 2:4 zeros, loadable by model.load with its SLoRB branches
+    from checkpoint import load_masks
+    from model import load
+    model, _ = load(tiny_run / "killed" / "final")
+    masks = load_masks(tiny_run / "killed" / "final")
+    for name, lin in prunable_linears(model).items():
+        assert check_nm(lin.weight, 2, 4) and bool((lin.weight[~masks[name]] == 0).all())
+        assert lin.slorb_s.abs().sum() > 0
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared/data")
+def test_torchrun_two_processes_equal_one_with_the_same_global_batch(tiny_run):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    one = subprocess.run([sys.executable, str(ROOT / "train_ast.py"),
+                          *run_args(tiny_run, tiny_run / "one", "--batch-size", "4", "--device", "cpu")],
+                         cwd=tiny_run, env=env, capture_output=True, text=True, timeout=120)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29517", str(ROOT / "train_ast.py"),
+                          *run_args(tiny_run, tiny_run / "two", "--batch-size", "2", "--device", "cpu")],
+                         cwd=tiny_run, env=env, capture_output=True, text=True, timeout=120)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "2 process(es)" in two.stdout
+    a, b = weights(tiny_run / "one"), weights(tiny_run / "two")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_nan_loss_stops_with_the_last_checkpoint(tiny_run, monkeypatch):
+    from model import UserError
+    monkeypatch.chdir(tiny_run)
+    # lr nan: step 1 computes a finite loss and writes NaN weights, so step 2's loss is NaN
+    with pytest.raises(UserError, match="loss is nan at step 2; last good checkpoint: none yet"):
+        train_ast.main(run_args(tiny_run, tiny_run / "nan", "--lr", "nan", "--ckpt-interval", "0"))
+
+
+# ----------------------------------------------------------------------------- behaviour on a trained model

@@ -1,0 +1,452 @@
+"""
+AST, the Adaptive Sparse Trainer (Huang et al., AAAI 2025, arXiv 2407.20584; ../shared/docs/ast.md):
+retrain a Llama into exact 2:4 sparsity on the seven projections of every block.
+
+    python train_ast.py                               # CPU demonstration on SmolLM2-135M (< 10 minutes)
+    python train_ast.py --ckpt smollm2-135m --max-steps 2000 --batch-size 16 --seq-len 1024 --lr 1e-4
+    torchrun --nproc_per_node 8 train_ast.py --ckpt llama2-7b --fsdp --seq-len 4096 --batch-size 2 \
+        --grad-accum 8 --max-steps 15000 --lr 2e-5 --warmup-steps 500 --alpha 0.33 --decay-max 6e-5 \
+        --decay-warmup 3000 --activation-checkpointing        # the paper's LLaMA2-7B recipe
+
+The method, one line each (ast.md §1-6):
+- masks: bool, 2 of every 4 consecutive inputs kept per output row, by |W| (or --init-mask from a
+  Wanda/SparseGPT checkpoint of sparsity.py);
+- forward with W ⊙ M, backward straight through to the dense W (STE), so pruned weights can come back;
+- masks recomputed from |W| every --mask-interval steps; the flip rate is logged;
+- annealed decay λ(t) = λ_max · min(t / T0, 1) pulls the pruned weights toward zero (ARS-STE);
+- loss α·T²·KL(teacher ‖ student) + (1 − α)·CE against the frozen dense model;
+- optional SLoRB branches y += S (X x) (--slorb-k 16).
+The result goes to <out>/final/ with exact 2:4 zeros (our format + Hugging Face layout).
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+
+import training
+from model import Transformer, UserError, cli_main
+from sparsity import check_nm, nm_mask, prunable_linears
+from training import (JsonlLog, Progress, TokenBatches, TrainArgs, autocast, autocast_dtype, check_finite,
+                      load_state, lr_at, parse_config, rng_state, save_state, set_rng_state, setup_distributed)
+
+
+@dataclass
+class ASTArgs(TrainArgs):
+    """Adaptive Sparse Trainer: retrain a Llama into 2:4 sparsity (defaults: the CPU demonstration)."""
+    out: str = "out/train_ast"
+    max_steps: int = 40
+    batch_size: int = 4
+    seq_len: int = 128
+    lr: float = 1e-4
+    warmup_steps: int = 4
+    ckpt_interval: int = 20
+    eval_interval: int = 20
+    eval_windows: int = 16
+    log_interval: int = 5
+    init_mask: str | None = None  # a sparsity.py checkpoint dir whose masks start the run; default |W|
+    mask_interval: int = 10  # optimizer steps between mask updates (Δt)
+    decay_max: float = 1e-4  # λ_max of the annealed decay on pruned weights; 0 disables
+    decay_warmup: int | None = None  # T0, steps until λ reaches λ_max; default max_steps // 4
+    decay_form: str = "adamw"  # "adamw": the paper's form; "grad": added to the gradient (official LLaMA code)
+    alpha: float = 0.67  # distillation weight: α·T²·KL + (1 − α)·CE; 0 = no teacher
+    temperature: float = 2.0
+    kl: str = "forward"  # "forward": KL(teacher ‖ student); "reverse": KL(student ‖ teacher)
+    slorb_k: int = 0  # SLoRB group size (the paper: 16); 0 = no SLoRB
+    teacher_dtype: str = "auto"  # bfloat16 on GPU, the training dtype on CPU
+    activation_checkpointing: bool = False  # recompute each block in the backward: less memory, ~30% more time
+    fsdp: bool = False  # shard weights, grads and optimizer over the torchrun processes (fully_shard)
+    beta2: float = 0.95
+
+
+# -----------------------------------------------------------------------------
+# the sparse layer: W ⊙ M forward, straight-through backward, optional SLoRB
+
+
+class SparseLinear(nn.Linear):
+    """y = (W ⊙ M) x [+ S (X x)]. Shares the dense layer's weight Parameter, so state-dict names don't change;
+    the mask is a non-persistent buffer (it is saved by the trainer and by checkpoint.save(masks=))."""
+
+    def __init__(self, linear: nn.Linear, mask: torch.Tensor, slorb_k: int = 0):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features, self.slorb_k = linear.in_features, linear.out_features, slorb_k
+        self.weight, self.bias = linear.weight, None
+        self.register_buffer("mask", mask.to(torch.bool), persistent=False)
+        if slorb_k:
+            self.slorb_x, self.slorb_s = (nn.Parameter(t) for t in slorb_init(linear.weight.detach(), mask, slorb_k))
+
+    def forward(self, x):
+        # value W ⊙ M, gradient the identity to the dense W (the pruned part is subtracted as a constant)
+        w = self.weight - (self.weight * ~self.mask).detach()
+        y = F.linear(x, w)
+        if self.slorb_k:
+            y = y + F.linear(F.linear(x, self.slorb_x), self.slorb_s)
+        return y
+
+
+def slorb_init(weight, mask, k):
+    """SLoRB (ast.md §6): X sums each group of k inputs; S[i, j] is the mean of the pruned weights of row i
+    in group j, so each group's total weight is unchanged right after pruning. Returns (X, S)."""
+    out_dim, in_dim = weight.shape
+    if in_dim % k:
+        raise UserError(f"--slorb-k {k} does not divide the input dim {in_dim}; choose a divisor (e.g. 16)")
+    x = torch.zeros(in_dim // k, in_dim, dtype=weight.dtype, device=weight.device)
+    x.view(in_dim // k, in_dim // k, k).diagonal(dim1=0, dim2=1).fill_(1.0)  # row j: ones at columns jk..jk+k-1
+    s = (weight * ~mask).view(out_dim, in_dim // k, k).sum(-1) / k
+    return x, s
+
+
+def sparsify(model: nn.Module, masks: dict, slorb_k: int = 0) -> dict:
+    """Swap the seven projections of every block for SparseLinear; returns {name: SparseLinear}."""
+    layers = {}
+    for name, linear in prunable_linears(model).items():
+        parent_name, attr = name.rsplit(".", 1)
+        layer = SparseLinear(linear, masks[name].to(linear.weight.device), slorb_k)
+        setattr(model.get_submodule(parent_name), attr, layer)
+        layers[name] = layer
+    return layers
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP-sharded parameter (a collective: every rank calls it), else t itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def local_rows(mask: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """The rows of a full mask that this rank holds of a dim-0-sharded FSDP parameter."""
+    if not hasattr(param, "to_local"):
+        return mask
+    mesh = param.device_mesh
+    return torch.chunk(mask, mesh.size(), dim=0)[mesh.get_local_rank()]
+
+
+@torch.no_grad()
+def update_masks(layers: dict, init_masks: dict) -> tuple[float, float]:
+    """Recompute every mask from |W| (ast.md §3). Returns the flip rates vs the previous and the initial masks."""
+    flipped = flipped_init = total = 0
+    for name, layer in layers.items():
+        mask = nm_mask(full(layer.weight).abs().float(), 2, 4, name=name)
+        flipped += (mask != layer.mask).sum().item()
+        flipped_init += (mask != init_masks[name].to(mask.device)).sum().item()
+        total += mask.numel()
+        layer.mask.copy_(mask)  # in place: the optimizer holds references to these tensors
+    return flipped / total, flipped_init / total
+
+
+# -----------------------------------------------------------------------------
+# optimizer: AdamW plus the annealed decay on pruned weights (ARS-STE)
+
+
+class ARSAdamW(torch.optim.Optimizer):
+    """AdamW whose masked parameters also get λ(t)·(¬M ⊙ W), λ set per step in group["mask_decay"] (ast.md §4).
+
+    form "adamw" (the paper): the decay stays out of the first moment and joins the step,
+        m = β1 m + (1−β1) g,  v = β2 v + (1−β2) (g + λ¬M⊙W)²,  W ← W − lr·(m̂ + λ¬M⊙W)/(√v̂ + ε);
+    form "grad" (official LLaMA code, SR-STE): g ← g + λ¬M⊙W, then a standard AdamW step.
+    Both equal torch.optim.AdamW at λ = 0. Decoupled weight decay as in AdamW. Masks are torch.bool,
+    so ¬M is logical NOT (the official GPT-2 code used ~ on an int tensor and pushed weights away from zero)."""
+
+    def __init__(self, params, masks: dict, lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, form="adamw"):
+        if form not in ("adamw", "grad"):
+            raise UserError(f"--decay-form {form!r}: use adamw (the paper's) or grad (the official LLaMA code's)")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, mask_decay=0.0))
+        self.masks, self.form = masks, form  # {param: bool mask}, updated in place by update_masks
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            (beta1, beta2), lr, eps = group["betas"], group["lr"], group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                w, g = (p.to_local(), p.grad.to_local()) if hasattr(p, "to_local") else (p, p.grad)
+                state = self.state[p]
+                if not state:
+                    state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(w), exp_avg_sq=torch.zeros_like(w))
+                state["step"] += 1
+                t, m, v = state["step"].item(), state["exp_avg"], state["exp_avg_sq"]
+                decay, g_total = None, g
+                if group["mask_decay"] and p in self.masks:
+                    decay = group["mask_decay"] * w * ~local_rows(self.masks[p], p)  # pulls pruned weights to 0
+                    g_total = g + decay
+                m.lerp_(g_total if self.form == "grad" else g, 1 - beta1)
+                v.mul_(beta2).addcmul_(g_total, g_total, value=1 - beta2)
+                update = m / (1 - beta1 ** t)
+                if self.form == "adamw" and decay is not None:
+                    update = update + decay
+                w.mul_(1 - lr * group["weight_decay"])
+                w.addcdiv_(update, (v / (1 - beta2 ** t)).sqrt_().add_(eps), value=-lr)
+
+
+def decay_at(step: int, args) -> float:
+    """λ(t) = λ_max · min(t / T0, 1) for the optimizer step t = step + 1."""
+    t0 = args.decay_warmup if args.decay_warmup is not None else max(1, args.max_steps // 4)
+    return args.decay_max * min((step + 1) / max(1, t0), 1.0)
+
+
+# -----------------------------------------------------------------------------
+# loss
+
+
+def ast_loss(logits, targets, teacher_logits, alpha, temperature, kl="forward"):
+    """α·T²·KL + (1 − α)·CE (ast.md §5); KL summed over the vocabulary, averaged over tokens.
+    Returns (loss, ce, kl or None)."""
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    if teacher_logits is None:
+        return ce, ce, None
+    log_s = F.log_softmax(logits.float() / temperature, dim=-1)
+    log_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    if kl == "forward":  # KL(p_teacher ‖ p_student)
+        div = (log_t.exp() * (log_t - log_s)).sum(-1).mean()
+    elif kl == "reverse":  # KL(p_student ‖ p_teacher)
+        div = (log_s.exp() * (log_s - log_t)).sum(-1).mean()
+    else:
+        raise UserError(f"--kl {kl!r}: use forward or reverse")
+    return alpha * temperature ** 2 * div + (1 - alpha) * ce, ce, div
+
+
+def train_step(student, teacher, optimizer, batches, step, args, device, dtype, world_size=1, last_ckpt=None):
+    """One optimizer step: grad_accum micro-batches, clipping, λ(t) and lr for this step.
+    Returns the loss parts (averaged over micro-batches and ranks) as floats."""
+    for group in optimizer.param_groups:
+        group["lr"], group["mask_decay"] = lr_at(step, args), decay_at(step, args)
+    parts = torch.zeros(3, device=device)
+    for micro in range(args.grad_accum):
+        x, y = (t.to(device) for t in batches.next())
+        sync = micro == args.grad_accum - 1 or not hasattr(student, "no_sync")
+        with (nullcontext() if sync else student.no_sync()), autocast(dtype, device):
+            logits = student(x)
+            teacher_logits = None
+            if teacher is not None and args.alpha > 0:
+                with torch.no_grad():
+                    teacher_logits = teacher(x)
+            loss, ce, kl = ast_loss(logits, y, teacher_logits, args.alpha, args.temperature, args.kl)
+        (loss / args.grad_accum).backward()
+        parts += torch.stack([loss.detach(), ce.detach(), kl.detach() if kl is not None else ce.new_zeros(())])
+    parts /= args.grad_accum
+    if world_size > 1:
+        dist.all_reduce(parts)
+        parts /= world_size
+    loss, ce, kl = parts.tolist()
+    check_finite(loss, step + 1, last_ckpt)  # before the step: weights stay good
+    if args.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss, "ce": ce, "kl": kl if teacher is not None and args.alpha > 0 else None}
+
+
+# -----------------------------------------------------------------------------
+# export
+
+
+def export(student_state: dict, model_args, masks: dict, tokenizer, out_dir, slorb_k, dtype, meta, hf=True):
+    """Bake W ⊙ M (exact zeros) into a plain Transformer and save it in our format (+ HF layout)."""
+    import checkpoint
+    final = Transformer(replace(model_args, slorb_k=slorb_k) if slorb_k else model_args)
+    state = dict(student_state)
+    for name, mask in masks.items():
+        state[name + ".weight"] = state[name + ".weight"] * mask.to(state[name + ".weight"].device)
+    final.load_state_dict(state)
+    final = final.to(dtype)
+    for name, mask in masks.items():
+        assert check_nm(final.get_submodule(name).weight, 2, 4), name
+    checkpoint.save(final, tokenizer, out_dir, masks={k: v.cpu() for k, v in masks.items()}, meta=meta)
+    if hf and not slorb_k:
+        checkpoint.export_hf(final, tokenizer, Path(out_dir) / "hf")
+    elif hf:
+        print("no Hugging Face export with SLoRB: transformers' Llama has no SLoRB branch (our format has it)")
+    return final
+
+
+# -----------------------------------------------------------------------------
+# main
+
+
+def main(argv=None):
+    args = parse_config(ASTArgs, argv)
+    for flag, value, allowed in (("--kl", args.kl, ("forward", "reverse")),
+                                 ("--decay-form", args.decay_form, ("adamw", "grad"))):
+        if value not in allowed:
+            raise UserError(f"{flag} {value!r}: use one of {', '.join(allowed)}")
+    rank, world_size, local_rank, device = setup_distributed(args.device)
+    master = rank == 0
+    say = print if master else (lambda *a, **k: None)
+    dtype = autocast_dtype(args.dtype, device)
+    out = Path(args.out)
+    state_path = out / "state.pt"
+    torch.manual_seed(args.seed)
+
+    import data
+    from eval import perplexity
+    from model import load
+    from checkpoint import load_masks
+
+    student, tokenizer = load(args.ckpt, device="cpu" if args.fsdp else device)
+    teacher = None
+    if args.alpha > 0:  # the frozen dense model, bf16 on GPU, no grads
+        t_dtype = autocast_dtype(args.teacher_dtype, device) if args.teacher_dtype != "auto" else (
+            torch.bfloat16 if device.type == "cuda" else dtype)
+        teacher = copy.deepcopy(student).to(t_dtype).eval().requires_grad_(False)
+
+    # masks: from --init-mask, else magnitude 2:4 of the dense weights
+    linears = prunable_linears(student)
+    if args.init_mask:
+        masks = load_masks(args.init_mask)
+        if not masks or set(masks) != set(linears):
+            raise UserError(f"--init-mask {args.init_mask}: needs masks for all {len(linears)} projections "
+                            f"(a sparsity.py checkpoint with --sparsity 2:4)")
+        masks = {name: m.to(torch.bool) for name, m in masks.items()}
+        if not all(m.reshape(-1, 4).sum(-1).eq(2).all() for m in masks.values()):
+            raise UserError(f"--init-mask {args.init_mask}: masks are not 2:4 (prune with --sparsity 2:4)")
+    else:
+        masks = {name: nm_mask(lin.weight.detach().abs().float(), 2, 4, name=name) for name, lin in linears.items()}
+    init_masks = {name: m.clone() for name, m in masks.items()}
+    layers = sparsify(student, masks, args.slorb_k)
+    model_args = student.args
+
+    # text -> token windows; WikiText-2 for the perplexity
+    data_dir = data.resolve_data_dir(args.data_dir)
+    ids = data.tokenize_corpus(data.default_text_files(data_dir), tokenizer, cache_dir="cache")
+    batches = TokenBatches(ids, args.seq_len, args.batch_size, args.seed, rank, world_size)
+    wikitext = data.wikitext2_text(data_dir, "test")
+
+    def ppl(model):
+        with torch.no_grad(), autocast(dtype, device):
+            value = perplexity(model, tokenizer, wikitext, args.seq_len, limit=args.eval_windows or None)
+        model._rope_cache.clear()  # built under inference_mode, it could not be saved for backward
+        return value
+
+    # resume: weights, masks, optimizer, schedule position, data position, RNG
+    start_step, resumed = 0, None
+    if args.resume:
+        if not state_path.exists():
+            raise UserError(f"--resume: no {state_path}; start without --resume or point --out at the run")
+        resumed = load_state(state_path)
+        student.load_state_dict(resumed["model"])
+        for name, layer in layers.items():
+            layer.mask.copy_(resumed["masks"][name])
+            init_masks[name] = resumed["init_masks"][name]
+        batches.load_state_dict(resumed["batches"])
+        start_step = resumed["step"]
+        say(f"resumed from {state_path} at step {start_step}")
+
+    if args.activation_checkpointing:
+        for block in student.layers:
+            block.forward = functools.partial(activation_checkpoint, block.forward, use_reentrant=False)
+    student.to(device)
+    if args.fsdp:  # shard each block, then the rest; the teacher too (it is as big as the student)
+        from torch.distributed.fsdp import fully_shard
+        for model in (student, teacher) if teacher is not None else (student,):
+            for block in model.layers:
+                fully_shard(block)
+            fully_shard(model)
+    masks_by_param = {layer.weight: layer.mask for layer in layers.values()}
+    optimizer = ARSAdamW(student.parameters(), masks_by_param, lr=args.lr, betas=(0.9, args.beta2),
+                         weight_decay=args.weight_decay, form=args.decay_form)
+    if resumed is not None:
+        optimizer.load_state_dict(resumed["optimizer"])
+        set_rng_state(resumed["rng"])
+    train_model = student
+    if world_size > 1 and not args.fsdp:
+        from torch.nn.parallel import DistributedDataParallel
+        train_model = DistributedDataParallel(student, device_ids=[local_rank] if device.type == "cuda" else None,
+                                              broadcast_buffers=False)  # masks are computed identically on every rank
+    if args.compile:
+        train_model.compile()
+
+    log = JsonlLog(out / "log.jsonl")
+    if resumed is None and args.eval_interval >= 0:
+        dense_ppl = ppl(teacher) if teacher is not None else None
+        oneshot_ppl = ppl(student)
+        say(f"WikiText-2 ppl (seq {args.seq_len}, {args.eval_windows or 'all'} windows): "
+            f"dense {dense_ppl and f'{dense_ppl:.2f}'} | one-shot 2:4 {oneshot_ppl:.2f}")
+        if master:
+            log.log({"step": 0, "ppl": oneshot_ppl, "dense_ppl": dense_ppl, "flip_prev": 0.0, "flip_init": 0.0})
+    else:
+        dense_ppl, oneshot_ppl = (resumed or {}).get("dense_ppl"), (resumed or {}).get("oneshot_ppl")
+
+    tokens_per_step = args.batch_size * args.grad_accum * args.seq_len * world_size
+    say(f"AST: {len(layers)} sparse layers, {tokens_per_step} tokens/step, {args.max_steps} steps, "
+        f"{device.type} {str(dtype).removeprefix('torch.')}, alpha {args.alpha}, decay {args.decay_form} "
+        f"λ_max {args.decay_max}, slorb_k {args.slorb_k}, {world_size} process(es){' FSDP' if args.fsdp else ''}")
+    progress = Progress(args.max_steps, start_step)
+    last_ckpt = str(state_path) if resumed is not None else None
+    flips = (0.0, 0.0)
+    last_ppl = None
+    for step in range(start_step, args.max_steps):
+        parts = train_step(train_model, teacher, optimizer, batches, step, args, device, dtype, world_size, last_ckpt)
+        done = step + 1
+        if done % args.mask_interval == 0:
+            flips = update_masks(layers, init_masks)
+        record = {"step": done, **parts, "lr": lr_at(step, args), "lam": decay_at(step, args),
+                  "flip_prev": flips[0], "flip_init": flips[1]}
+        if args.eval_interval and done % args.eval_interval == 0 or done == args.max_steps:
+            record["ppl"] = last_ppl = ppl(student)
+        if master:
+            log.log(record)
+        if done % args.log_interval == 0 or done == args.max_steps or done == start_step + 1:
+            say(progress.line(done, tokens_per_step * (done - max(start_step, done - args.log_interval)),
+                              record["lr"], **parts, lam=record["lam"], flip=flips[0], flip_init=flips[1],
+                              ppl=record.get("ppl")))
+        if args.ckpt_interval and done % args.ckpt_interval == 0 or done == args.max_steps:
+            save_checkpoint(student, optimizer, layers, init_masks, batches, done, args, state_path, master,
+                            dense_ppl=dense_ppl, oneshot_ppl=oneshot_ppl)
+            last_ckpt = str(state_path)
+
+    # export: exact 2:4 zeros, our format + HF layout, and the numbers
+    model_state = gathered_model_state(student, args)
+    final_masks = {name: layer.mask.cpu() for name, layer in layers.items()}
+    if master:
+        meta = {"method": "ast", "sparsity": "2:4", "steps": args.max_steps, "tokens": tokens_per_step * args.max_steps,
+                "dense_ppl": dense_ppl, "oneshot_ppl": oneshot_ppl, "ast_ppl": last_ppl, "args": asdict(args)}
+        export(model_state, model_args, final_masks, tokenizer, out / "final", args.slorb_k,
+               dtype, meta)
+        training.plot_log(out / "log.jsonl", out / "log.png", ["loss", "ce", "kl", "ppl", "flip_prev", "flip_init", "lam"])
+        say(f"saved {out / 'final'} (our format{'' if args.slorb_k else ' + hf/'}), log {out / 'log.jsonl'}, plot {out / 'log.png'}")
+        say(f"WikiText-2 ppl (seq {args.seq_len}, {args.eval_windows or 'all'} windows): dense "
+            f"{dense_ppl and f'{dense_ppl:.2f}'} | one-shot 2:4 {oneshot_ppl and f'{oneshot_ppl:.2f}'} | "
+            f"AST {args.max_steps} steps {last_ppl:.2f}")
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return {"dense_ppl": dense_ppl, "oneshot_ppl": oneshot_ppl, "ast_ppl": last_ppl}
+
+
+def gathered_model_state(student, args) -> dict:
+    """The whole model's state dict on CPU (FSDP: gathered from all ranks; every rank must call this)."""
+    if args.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in student.state_dict().items()}
+
+
+def save_checkpoint(student, optimizer, layers, init_masks, batches, step, args, path, master, **extra):
+    """Everything a resume needs, written atomically by rank 0: weights, masks, optimizer, data, RNG."""
+    model_state = gathered_model_state(student, args)
+    if args.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        optim_state = get_optimizer_state_dict(student, optimizer,
+                                               options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        optim_state = optimizer.state_dict()
+    if master:
+        save_state(path, {"step": step, "model": model_state, "optimizer": optim_state,
+                          "masks": {n: l.mask.cpu() for n, l in layers.items()},
+                          "init_masks": {n: m.cpu() for n, m in init_masks.items()},
+                          "batches": batches.state_dict(), "rng": rng_state(), **extra})
+
+
+if __name__ == "__main__":
+    cli_main(main)
