@@ -343,24 +343,34 @@ def prune(model: nn.Module, method: str, sparsity, calib: torch.Tensor | None = 
         for name, lin in targets.items():
             if lin.in_features % sparsity[1]:
                 nm_mask(lin.weight[:1], *sparsity, name=name)
-    device = next(model.parameters()).device
-    masks = {}
-    fwd_s = work_s = 0.0
     t_start = time.perf_counter()
-
     if method == "magnitude":  # needs no data
+        masks = {}
         for name, lin in targets.items():
-            t0 = time.perf_counter()
-            mask = magnitude_mask(lin.weight, sparsity, name=name)
-            lin.weight.mul_(mask)
-            masks[name] = mask
-            work_s += time.perf_counter() - t0
+            masks[name] = magnitude_mask(lin.weight, sparsity, name=name)
+            lin.weight.mul_(masks[name])
         if report is not None:
-            report.update(forward_s=0.0, method_s=work_s, total_s=time.perf_counter() - t_start)
+            t = time.perf_counter() - t_start
+            report.update(forward_s=0.0, method_s=t, total_s=t)
         return masks
 
     if calib is None or calib.numel() == 0:
         raise UserError(f"{method} needs calibration windows (calib)")
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # Hessians are accumulated in true fp32 too
+    try:
+        masks, fwd_s, work_s = _prune_sequential(model, method, sparsity, calib, targets, blocksize, percdamp, log)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    if report is not None:
+        report.update(forward_s=fwd_s, method_s=work_s, total_s=time.perf_counter() - t_start)
+    return masks
+
+
+def _prune_sequential(model, method, sparsity, calib, targets, blocksize, percdamp, log):
+    """Block by block: statistics pass, prune the block's layers, outputs pass. Returns (masks, forward s, method s)."""
+    device = next(model.parameters()).device
+    masks, fwd_s, work_s = {}, 0.0, 0.0
     t0 = time.perf_counter()
     hidden, rest = _block_inputs(model, calib)
     _sync(device)
@@ -436,9 +446,7 @@ def prune(model: nn.Module, method: str, sparsity, calib: torch.Tensor | None = 
             f"forward {t_fwd1 + t_fwd2:.1f}s, {method} {hook_s + t_prune:.1f}s "
             f"(stats {hook_s:.1f}s, prune {t_prune:.1f}s)", flush=True)
     del hidden
-    if report is not None:
-        report.update(forward_s=fwd_s, method_s=work_s, total_s=time.perf_counter() - t_start)
-    return masks
+    return masks, fwd_s, work_s
 
 
 def verify(model: nn.Module, masks: "dict[str, torch.Tensor]", sparsity) -> None:
@@ -526,15 +534,19 @@ def main(argv=None):
     device = torch.device(cfg.device)
     data_dir = data.resolve_data_dir(cfg.data_dir)
     model, tokenizer = load(cfg.ckpt, device=cfg.device, dtype=dtypes[cfg.dtype])
-    protocol = f"WikiText-2 test, seq-len {cfg.seq_len}" + (f", first {cfg.limit} windows" if cfg.limit else ", all windows")
 
     def ppl():
         from eval import perplexity
         return perplexity(model, tokenizer, text, cfg.seq_len, limit=cfg.limit)
 
     results = {"method": cfg.method, "sparsity": sparsity_str(sparsity)}
+    protocol = None
     if cfg.eval:
+        from eval import perplexity_protocol
         text = data.wikitext2_text(data_dir)
+        p = perplexity_protocol(tokenizer, text, cfg.seq_len, limit=cfg.limit)
+        protocol = (f"WikiText-2 test, seq-len {p['seq_len']}, {p['windows']} windows of {p['tokens'] // p['seq_len']}, "
+                    f"BOS {'yes' if p['bos'] else 'no'}")
         t = time.perf_counter()
         results["dense_ppl"] = ppl()
         print(f"dense ppl {results['dense_ppl']:.3f} ({protocol}; {time.perf_counter() - t:.0f}s)", flush=True)
