@@ -24,6 +24,25 @@ import torch.nn.functional as F
 
 from model import UserError, apply_rope
 
+
+class Progress:
+    """A stderr line `hellaswag 120/200 items | 15.3 items/s | ETA 0m05s`, redrawn at most every second."""
+
+    def __init__(self, name, total, unit="items"):
+        self.name, self.total, self.unit, self.t0, self.last = name, total, unit, time.perf_counter(), 0.0
+
+    def update(self, done):
+        now = time.perf_counter()
+        if now - self.last < 1.0 and done < self.total:
+            return
+        self.last = now
+        rate = done / max(now - self.t0, 1e-9)
+        eta = (self.total - done) / rate if rate > 0 else 0.0
+        end = "\n" if done >= self.total else ""
+        print(f"\r{self.name} {done}/{self.total} {self.unit} | {rate:.2f} {self.unit}/s | ETA {int(eta // 60)}m{int(eta % 60):02d}s",
+              end=end, file=sys.stderr, flush=True)
+
+
 # -----------------------------------------------------------------------------------------------------
 # Perplexity
 
@@ -55,12 +74,13 @@ def perplexity_protocol(tokenizer, text, seq_len, limit=None, bos=None) -> dict:
 def window_nlls(model, windows, batch_size=1):
     """Mean next-token NLL of each window (float64 tensor (n,)); the first token of a window is never predicted."""
     device = next(model.parameters()).device
-    nlls = []
+    nlls, progress = [], Progress("perplexity", len(windows), unit="windows")
     for i in range(0, len(windows), batch_size):
         batch = windows[i : i + batch_size].to(device)
         logits = model(batch).float()
         nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch[:, 1:], reduction="none")
         nlls.append(nll.mean(dim=1).double().cpu())
+        progress.update(i + len(batch))
     return torch.cat(nlls)
 
 
@@ -218,24 +238,6 @@ def packed_hidden(model, tokens, positions, mask):
         h = h + a.wo(y.transpose(1, 2).reshape(B, T, -1))
         h = h + layer.feed_forward(layer.ffn_norm(h))
     return model.norm(h)
-
-
-class Progress:
-    """A stderr line `hellaswag 120/200 items | 15.3 items/s | ETA 0m05s`, redrawn at most every second."""
-
-    def __init__(self, name, total):
-        self.name, self.total, self.t0, self.last = name, total, time.perf_counter(), 0.0
-
-    def update(self, done):
-        now = time.perf_counter()
-        if now - self.last < 1.0 and done < self.total:
-            return
-        self.last = now
-        rate = done / max(now - self.t0, 1e-9)
-        eta = (self.total - done) / rate if rate > 0 else 0.0
-        end = "\n" if done >= self.total else ""
-        print(f"\r{self.name} {done}/{self.total} items | {rate:.1f} items/s | ETA {int(eta // 60)}m{int(eta % 60):02d}s",
-              end=end, file=sys.stderr, flush=True)
 
 
 @torch.inference_mode()

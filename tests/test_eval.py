@@ -14,14 +14,6 @@ import eval as ev
 from model import ModelArgs, Transformer, UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
-
-
-@pytest.fixture
-def shared_data():
-    if not (SHARED / "tasks").is_dir():
-        pytest.skip("../shared/data not present")
-    return SHARED
 
 
 class StubTokenizer:
@@ -97,8 +89,8 @@ def harness_scores(model, tok, items, bos=False):
 # ---------------------------------------------------------------- templates on real records
 
 
-def test_templates_on_first_real_records(shared_data):
-    first = {t: ev.read_task(shared_data, t, limit=1)[0] for t in ev.TASKS}
+def test_templates_on_first_real_records(data_dir):
+    first = {t: ev.read_task(data_dir, t, limit=1)[0] for t in ev.TASKS}
     ctxs, conts, gold = first["hellaswag"]
     assert ctxs == ["Roof shingle removal: A man is sitting on a roof. he"] * 4
     assert conts[3] == " starts pulling up roofing on a roof." and gold == 3
@@ -277,6 +269,16 @@ def test_perplexity_is_exp_of_mean_window_nll():
     want = math.exp(sum(nlls) / len(nlls))
     assert ev.perplexity(model, tok, text, L, batch_size=2) == pytest.approx(want, rel=1e-5)
     assert ev.perplexity(model, tok, text, L, limit=1) == pytest.approx(math.exp(nlls[0]), rel=1e-5)
+
+
+def test_wikitext2_protocol_with_llama2_tokenizer(data_dir):
+    """eval.md's numbers: Llama 2 tokenizer + one BOS = 341,469 tokens, 83 windows of 4096, 166 of 2048."""
+    from data import wikitext2_text
+    from tokenizer import SentencePieceTokenizer
+    tok = SentencePieceTokenizer((data_dir / "tokenizers" / "llama2" / "tokenizer.model").read_bytes())
+    text = wikitext2_text(data_dir)
+    assert ev.perplexity_protocol(tok, text, 4096) == {"tokens": 341469, "windows": 83, "seq_len": 4096, "bos": True}
+    assert ev.perplexity_protocol(tok, text, 2048)["windows"] == 166
 
 
 # ---------------------------------------------------------------- bad input
