@@ -9,16 +9,20 @@ the calibration windows are run through block l, its layers are pruned, and the 
 the pruned block again to become the inputs of block l+1. Only one block's activations live at once, so
 a 7B model calibrates on one GPU.
 
+Choices where the papers leave room, all as in the official code unless said:
+- the seven layers of a block are scored on the same block inputs (no "true sequential" inside a block);
+- magnitude's unstructured masks compare the whole layer, Wanda's each output row, SparseGPT's each
+  (rows x 128) column block; N:M groups are runs of M inputs in each row for all three;
+- exact counts (a sort, not a `<= threshold`): dequantized 4-bit weights tie a lot;
+- q,k,v (and w1,w3) read one tensor, so its statistics (Hessian / norms) are accumulated once.
+
 References: Wanda, Sun et al. 2023 (github.com/locuslab/wanda); SparseGPT, Frantar & Alistarh 2023
 (github.com/IST-DASLab/sparsegpt). Masks are torch.bool, True = weight kept.
 """
 import argparse
 import dataclasses
-import json
-import math
 import random
 import resource
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +34,7 @@ from model import UserError
 
 PROJECTIONS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # attention.{wq,wk,wv,wo}, feed_forward.{w1,w2,w3}
 METHODS = ("magnitude", "wanda", "sparsegpt")
+BATCH_TOKENS = 2048  # calibration tokens per block forward: one window of 2048, or 8 of 256
 
 # -----------------------------------------------------------------------------
 # patterns and masks
@@ -376,6 +381,7 @@ def _prune_sequential(model, method, sparsity, calib, targets, blocksize, percda
     _sync(device)
     fwd_s += time.perf_counter() - t0
     last = max(int(name.split(".")[1]) for name in targets)
+    batch = max(1, BATCH_TOKENS // hidden.shape[1])  # short windows go through a block several at a time
     for b in range(last + 1):
         block = model.layers[b]
         names = [name for name in targets if int(name.split(".")[1]) == b]
@@ -409,8 +415,8 @@ def _prune_sequential(model, method, sparsity, calib, targets, blocksize, percda
             for name in names:
                 handles.append(targets[name].register_forward_pre_hook(hook(name)))
             try:
-                for i in range(hidden.shape[0]):
-                    _run_block(block, hidden[i:i + 1], rest)
+                for i in range(0, hidden.shape[0], batch):
+                    _run_block(block, hidden[i:i + batch], rest)
                     seen.clear()  # owners are decided on the first window; don't hold its tensors
             finally:
                 for h in handles:
@@ -436,8 +442,8 @@ def _prune_sequential(model, method, sparsity, calib, targets, blocksize, percda
             t_fwd1 = t_prune = 0.0
         t = time.perf_counter()
         if b < last:  # the pruned block's outputs are the next block's inputs
-            for i in range(hidden.shape[0]):
-                hidden[i:i + 1] = _run_block(block, hidden[i:i + 1], rest)
+            for i in range(0, hidden.shape[0], batch):
+                hidden[i:i + batch] = _run_block(block, hidden[i:i + batch], rest)
             _sync(device)
         t_fwd2 = time.perf_counter() - t
         fwd_s += t_fwd1 + t_fwd2
