@@ -247,6 +247,18 @@ def test_sequential_sparsegpt_uses_pruned_inputs():
                 modules[n].weight.copy_(pruned[n].weight)
 
 
+def test_calibration_batching_does_not_change_the_result(monkeypatch):
+    calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(2))
+    batched, one_by_one = tiny_model(), tiny_model()
+    masks = sp.prune(batched, "sparsegpt", "2:4", calib, log=lambda *a, **k: None)  # 4 windows per forward
+    monkeypatch.setattr(sp, "BATCH_TOKENS", 32)  # 1 window per forward
+    masks_1 = sp.prune(one_by_one, "sparsegpt", "2:4", calib, log=lambda *a, **k: None)
+    for n in masks:
+        assert torch.equal(masks[n], masks_1[n]), n
+    for n, p in batched.state_dict().items():
+        torch.testing.assert_close(p, one_by_one.state_dict()[n], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("method", sp.METHODS)
 @pytest.mark.parametrize("pattern", ["0.5", "2:4", "4:8"])
 def test_prune_every_method_and_pattern(method, pattern):
