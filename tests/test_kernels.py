@@ -201,7 +201,8 @@ def test_pack_real_smollm2(tmp_path, smollm2):
             got = m2(x)
         if bits == 16:
             assert torch.equal(got, ref)
-            assert report["linear_compression_vs_fp32"] == pytest.approx(4 / 2.125, rel=1e-4)
+            # 2.125 bytes/weight + the header (~72 KB over 106M weights)
+            assert report["linear_compression_vs_fp32"] == pytest.approx(4 / 2.125, rel=1e-3)
         else:  # per-weight bound is tested above; this only guards against a broken layer (measured 0.41)
             assert (got - ref).norm() / ref.norm() < 0.6
             assert report["linear_compression_vs_fp32"] > 10
