@@ -228,9 +228,12 @@ def test_torchrun_two_processes_equal_one_with_the_same_global_batch(tiny_run):
                          cwd=tiny_run, env=env, capture_output=True, text=True, timeout=120)
     assert two.returncode == 0, two.stderr[-2000:]
     assert "2 process(es)" in two.stdout
+    from checkpoint import load_masks
+    ma, mb = load_masks(tiny_run / "one" / "final"), load_masks(tiny_run / "two" / "final")
+    assert all(torch.equal(ma[k], mb[k]) for k in ma)  # the same mask updates
     a, b = weights(tiny_run / "one"), weights(tiny_run / "two")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    for k in a:  # the same update up to float summation order (gradients are averaged across ranks)
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
 
 
 def test_nan_loss_stops_with_the_last_checkpoint(tiny_run, monkeypatch):
@@ -242,3 +245,57 @@ def test_nan_loss_stops_with_the_last_checkpoint(tiny_run, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- behaviour on a trained model
+
+def _byte_windows(ids, n, seq):
+    return torch.from_numpy(ids[: n * seq].astype(np.int64)).view(n, seq)
+
+
+@torch.no_grad()
+def _ppl(model, windows):
+    logits = model(windows)
+    return math.exp(F.cross_entropy(logits[:, :-1].flatten(0, 1), windows[:, 1:].flatten()).item())
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared/data")
+def test_ast_recovers_a_really_trained_model_and_beats_fixed_mask_without_distillation():
+    """Train a tiny dense byte-level Llama on tinyshakespeare, prune it 2:4 by magnitude, then retrain for the
+    same number of steps with AST (adaptive masks + decay + distillation) and with a fixed mask on CE alone."""
+    import copy
+    raw = np.frombuffer((SHARED / "text" / "tinyshakespeare.txt").read_bytes(), dtype=np.uint8).astype(np.uint32)
+    train_ids, val = raw[:-100_000], _byte_windows(raw[-100_000:], 64, 64)
+    dense = tiny(seed=0, vocab=256, dim=64, hidden=192)
+    opt = torch.optim.AdamW(dense.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)
+    batches = TokenBatches(train_ids, 64, 16, seed=0)
+    for step in range(300):  # a real (small) pretraining run: warmup + cosine, ~ppl 8 on held-out bytes
+        for g in opt.param_groups:
+            g["lr"] = 3e-3 * min(1, (step + 1) / 20) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / 300)))
+        x, y = batches.next()
+        F.cross_entropy(dense(x).flatten(0, 1), y.flatten()).backward()
+        opt.step()
+        opt.zero_grad()
+    dense.requires_grad_(False)
+
+    def retrain(alpha, mask_interval, decay_max, steps=60):
+        student = copy.deepcopy(dense).requires_grad_(True)
+        layers = sparsify(student, magnitude_masks(student))
+        init = {n: l.mask.clone() for n, l in layers.items()}
+        args = ASTArgs(lr=1e-3, warmup_steps=5, max_steps=steps, batch_size=16, seq_len=64, alpha=alpha,
+                       decay_max=decay_max, decay_warmup=steps // 4)
+        opt = ARSAdamW(student.parameters(), {l.weight: l.mask for l in layers.values()}, lr=args.lr)
+        batches = TokenBatches(train_ids, 64, 16, seed=1)
+        oneshot = _ppl(student, val)
+        for step in range(steps):
+            train_step(student, dense if alpha else None, opt, batches, step, args, "cpu", torch.float32)
+            if mask_interval and (step + 1) % mask_interval == 0:
+                update_masks(layers, init)
+        for name, layer in layers.items():
+            assert check_nm(layer.weight * layer.mask, 2, 4)
+        return oneshot, _ppl(student, val)
+
+    dense_ppl = _ppl(dense, val)
+    oneshot, fixed = retrain(alpha=0.0, mask_interval=0, decay_max=0.0)
+    _, ast = retrain(alpha=0.67, mask_interval=10, decay_max=0.1)
+    print(f"dense {dense_ppl:.3f} one-shot 2:4 {oneshot:.3f} fixed-mask CE {fixed:.3f} AST {ast:.3f}")
+    assert oneshot > dense_ppl * 1.1  # pruning really hurts
+    assert (oneshot - ast) / (oneshot - dense_ppl) > 0.8  # AST recovers most of what pruning lost
+    assert ast < fixed  # and beats fixed-mask training without distillation at equal steps
