@@ -8,7 +8,7 @@ We store, per weight:
                           4 per byte (little end first), flattened in row-major order of `values`
 and unpack exactly: zeros(out, in/4, 4).scatter_(2, positions, values).
 Optionally (--bits 4) the kept values are quantized asymmetrically in groups of `group_size` consecutive
-kept values of a row (the last group of a row may be shorter):
+kept values of a row (128 kept values = 256 inputs; the last group of a row may be shorter):
   codes  uint8 (two 4-bit codes per byte)   q = round((v - min) / scale), q in 0..15
   scales fp16 (out, n_groups), mins fp16 (out, n_groups)   v_hat = min + q * scale
 min is rounded down and scale up to fp16 so that every value of the group lies in [min, min + 15 scale]:
@@ -20,7 +20,7 @@ Bytes per dense weight (positions: 2 bits per kept value = 1 bit per weight):
 Tensors that are not packed (embeddings, norms, a dense output layer) are stored as they are.
 
 File: packed.safetensors; its metadata holds "format", "version" and "layout" (JSON: for every packed
-weight its shape, dtype, bits and group size). Tensor names: "<weight name>.values" or ".codes/.scales/.mins",
+weight its shape and dtype, plus bits and group_size when quantized). Tensor names: "<weight name>.values" or ".codes/.scales/.mins",
 and "<weight name>.positions".
 
     python -m kernels.pack --ckpt DIR --out DIR2 [--bits 4] [--group-size 128] [--dtype bfloat16]
@@ -29,7 +29,6 @@ import argparse
 import json
 import re
 import shutil
-import sys
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -55,7 +54,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class PackConfig:
     ckpt: str = ""  # a 2:4 checkpoint in our format (model.safetensors + params.json + tokenizer)
     out: str = ""  # the packed checkpoint directory to write
-    bits: int = 16  # 16: kept values stored exactly (in --dtype); 4: 4-bit group quantization
+    bits: int = 0  # 0: kept values stored exactly, in their dtype (or --dtype); 4: 4-bit group quantization
     group_size: int = 128  # kept values per quantization group (--bits 4)
     dtype: str = ""  # cast every float tensor to this first (float32/bfloat16/float16); "": keep
 
@@ -168,11 +167,11 @@ def dequantize4(codes, scales, mins, shape, group_size: int, dtype=torch.float32
 
 # ----------------------------------------------------------------------------- state dicts
 
-def pack_state_dict(state: dict, names, masks: dict | None = None, bits: int = 16, group_size: int = 128):
+def pack_state_dict(state: dict, names, masks: dict | None = None, bits: int = 0, group_size: int = 128):
     """Pack the 2:4 weights `names` of a state dict; others are kept as they are.
     Returns (tensors for safetensors, layout dict for its metadata)."""
-    if bits not in (4, 16):
-        raise UserError(f"--bits {bits} is not supported; use 16 (exact) or 4 (group quantized)")
+    if bits not in (0, 4):
+        raise UserError(f"--bits {bits} is not supported; leave it out (values kept exactly) or use 4")
     if group_size < 1:
         raise UserError(f"--group-size {group_size} must be positive")
     tensors, layout = {}, {}
@@ -186,14 +185,14 @@ def pack_state_dict(state: dict, names, masks: dict | None = None, bits: int = 1
             continue
         mask = masks.get(name.removesuffix(".weight")) if masks else None
         values, positions = pack_weight(w, check_2to4(name, w, mask))
-        entry = {"shape": list(w.shape), "dtype": str(w.dtype).removeprefix("torch."), "bits": bits}
+        entry = {"shape": list(w.shape), "dtype": str(w.dtype).removeprefix("torch.")}
         tensors[name + ".positions"] = positions
-        if bits == 16:
+        if bits == 0:
             tensors[name + ".values"] = values
         else:
             codes, scales, mins = quantize4(values, group_size)
             tensors.update({name + ".codes": codes, name + ".scales": scales, name + ".mins": mins})
-            entry["group_size"] = group_size
+            entry.update(bits=bits, group_size=group_size)
         layout[name] = entry
     return tensors, layout
 
@@ -206,7 +205,7 @@ def unpack_state_dict(tensors: dict, layout: dict) -> dict:
             state[name] = t
     for name, e in layout.items():
         out, n_in = e["shape"]
-        if e["bits"] == 16:
+        if "bits" not in e:
             values = tensors[name + ".values"]
         else:
             values = dequantize4(tensors[name + ".codes"], tensors[name + ".scales"], tensors[name + ".mins"],
@@ -260,7 +259,7 @@ def expected_bytes(layout: dict, tensors: dict) -> dict:
         out, n_in = e["shape"]
         kept = out * n_in // 2
         packed += (kept + 3) // 4  # positions: 2 bits each
-        if e["bits"] == 16:
+        if "bits" not in e:
             packed += kept * getattr(torch, e["dtype"]).itemsize
         else:
             n_groups = -(-(n_in // 2) // e["group_size"])

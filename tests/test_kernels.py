@@ -120,7 +120,7 @@ def check_file_arithmetic(path: Path, report: dict, bits: int, value_bytes: int,
         out, n_in = e["shape"]
         kept = out * n_in // 2
         expected += kept // 4  # 2-bit positions (kept is a multiple of 4 for these shapes)
-        expected += kept * value_bytes if bits == 16 else kept // 2 + out * -(-(n_in // 2) // group_size) * 4
+        expected += kept * value_bytes if bits == 0 else kept // 2 + out * -(-(n_in // 2) // group_size) * 4
     assert sizes["packed"] == expected == report["packed_bytes"]
     return tensors, layout
 
@@ -137,8 +137,8 @@ def test_pack_checkpoint_roundtrip_tiny(tmp_path, tie):
         meta = f.metadata()
     layout = json.loads(meta["layout"])
     assert meta["format"] == pack.FORMAT and set(layout) == {k + ".weight" for k in masks}
-    assert layout["layers.0.attention.wk.weight"] == {"shape": [32, 64], "dtype": "float32", "bits": 16}
-    check_file_arithmetic(out / "packed.safetensors", report, 16, 4)
+    assert layout["layers.0.attention.wk.weight"] == {"shape": [32, 64], "dtype": "float32"}
+    check_file_arithmetic(out / "packed.safetensors", report, 0, 4)
     assert report["n_packed_weights"] == 2 * (64 * 64 * 2 + 32 * 64 * 2 + 3 * 64 * 128)
     m2, _ = model_py.load(out, tokenizer=False)
     assert m2.output.weight is m2.tok_embeddings.weight if tie else True
@@ -191,7 +191,7 @@ def test_pack_real_smollm2(tmp_path, smollm2):
     x = torch.tensor([tok.encode("The capital of France is Paris. The capital of Italy is")])
     with torch.no_grad():
         ref = m(x)
-    for bits, value_bytes in ((16, 4), (4, 0)):
+    for bits, value_bytes in ((0, 4), (4, 0)):
         out = tmp_path / f"packed{bits}"
         report = pack.main(["--ckpt", str(ckpt), "--out", str(out), "--bits", str(bits)])
         check_file_arithmetic(out / "packed.safetensors", report, bits, value_bytes)
@@ -199,7 +199,7 @@ def test_pack_real_smollm2(tmp_path, smollm2):
         m2, _ = model_py.load(out)
         with torch.no_grad():
             got = m2(x)
-        if bits == 16:
+        if bits == 0:
             assert torch.equal(got, ref)
             # 2.125 bytes/weight + the header (~72 KB over 106M weights)
             assert report["linear_compression_vs_fp32"] == pytest.approx(4 / 2.125, rel=1e-3)
