@@ -333,3 +333,22 @@ def test_cli_rejects_bad_input():
         sp.main(["--sparsity", "5:4"])
     with pytest.raises(UserError, match="method"):
         sp.main(["--method", "obs"])
+
+
+@pytest.mark.slow
+def test_cli_on_smollm2_end_to_end(tmp_path, data_dir):
+    """The real model through the CLI on two blocks: pattern verified, checkpoint loads with its zeros and masks."""
+    import checkpoint
+    from model import load
+    out = tmp_path / "wanda24"
+    res = sp.main(["--ckpt", "smollm2-135m", "--method", "wanda", "--sparsity", "2:4", "--nsamples", "2",
+                   "--calib-len", "128", "--seq-len", "256", "--limit", "1", "--layers", "0-1",
+                   "--data-dir", str(data_dir), "--device", "cpu", "--out", str(out)])
+    assert 1 < res["dense_ppl"] < res["ppl"] < 1e4
+    model, _ = load(str(out))
+    masks = checkpoint.load_masks(out)
+    assert len(masks) == 14
+    modules = dict(model.named_modules())
+    for n, mask in masks.items():
+        assert sp.check_layer(modules[n].weight, mask, (2, 4)), n
+    assert modules["layers.2.attention.wq"].weight.count_nonzero() > 0.9 * modules["layers.2.attention.wq"].weight.numel()
