@@ -148,8 +148,10 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, sparsity, blocksize: 
         if cols % m:
             nm_mask(weight[:1], n, m, name=name)  # raises the clear error
         blocksize = max(m, blocksize // m * m)  # an N:M group never straddles two blocks
-    tf32 = torch.backends.cuda.matmul.allow_tf32
+    tf32, threads = torch.backends.cuda.matmul.allow_tf32, torch.get_num_threads()
     torch.backends.cuda.matmul.allow_tf32 = False
+    if weight.device.type == "cpu":  # ~10 tiny ops a column: thread hand-offs cost more than the math (15x, 2 busy cores)
+        torch.set_num_threads(1)
     try:
         W = weight.detach().float().clone()
         H = hessian.detach().float().clone()
@@ -197,6 +199,7 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, sparsity, blocksize: 
             W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # the block's error, to all later columns at once
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.set_num_threads(threads)
     mask = ~pruned
     W[pruned] = 0.0
     return W.to(weight.dtype), mask

@@ -34,6 +34,7 @@ def main():
     p.add_argument("--data-dir", default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="out/baselines_table.json")
+    p.add_argument("--resume", action="store_true", help="keep the runs already in --out (same protocol)")
     args = p.parse_args()
     device = torch.device(args.device)
     data_dir = data.resolve_data_dir(args.data_dir)
@@ -50,14 +51,22 @@ def main():
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    t = time.perf_counter()
-    results["dense_ppl"] = perplexity(model, tokenizer, text, args.seq_len, limit=args.limit)
-    results["eval_s"] = time.perf_counter() - t
-    print(f"dense ppl {results['dense_ppl']:.3f} ({results['eval_s']:.0f}s)", flush=True)
-    out.write_text(json.dumps(results, indent=1))
+    old = json.loads(out.read_text()) if args.resume and out.exists() else {}
+    if old and all(old.get(k) == results[k] for k in ("ckpt", "protocol", "calibration")):
+        results.update(dense_ppl=old["dense_ppl"], eval_s=old["eval_s"], runs=old["runs"])  # continue a cut run
+        print(f"resuming {out}: dense ppl {results['dense_ppl']:.3f}, {len(old['runs'])} runs done", flush=True)
+    else:
+        t = time.perf_counter()
+        results["dense_ppl"] = perplexity(model, tokenizer, text, args.seq_len, limit=args.limit)
+        results["eval_s"] = time.perf_counter() - t
+        print(f"dense ppl {results['dense_ppl']:.3f} ({results['eval_s']:.0f}s)", flush=True)
+        out.write_text(json.dumps(results, indent=1))
 
+    done = {(r["method"], r["sparsity"]) for r in results["runs"]}
     for pattern in args.patterns.split(","):
         for method in args.methods.split(","):
+            if (method, pattern) in done:
+                continue
             model.load_state_dict(dense)
             sp.reset_peak_memory(device)
             report = {}
