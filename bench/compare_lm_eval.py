@@ -26,6 +26,7 @@ import torch  # noqa: E402
 
 import eval as ev  # noqa: E402
 from model import UserError, cli_main  # noqa: E402
+from tokenizer import SMOLLM_PATTERN  # noqa: E402
 
 HARNESS_YAML = {"hellaswag": "hellaswag/hellaswag.yaml", "piqa": "piqa/piqa.yaml", "arc_easy": "arc/arc_easy.yaml",
                 "arc_challenge": "arc/arc_challenge.yaml", "winogrande": "winogrande/default.yaml",
@@ -56,6 +57,12 @@ def export_for_harness(model, tokenizer, ckpt, out) -> tuple[Path, Path]:
     source = checkpoint.resolve(ckpt)
     if source.suffix == ".gguf":
         hf_tok = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
+        if getattr(tokenizer, "pattern", None) == SMOLLM_PATTERN:
+            # transformers' GGUF converter drops SmolLM2's digit splitting, so " ¼" becomes [" \xc2", "\xbc"]
+            # instead of [" ", "¼"] (0.3% of task strings); SmolLM2's own tokenizer.json splits digits first
+            from tokenizers import pre_tokenizers as pt
+            hf_tok.backend_tokenizer.pre_tokenizer = pt.Sequence(
+                [pt.Digits(individual_digits=True), pt.ByteLevel(add_prefix_space=False, use_regex=True)])
     elif (source / "tokenizer.json").exists():
         hf_tok = AutoTokenizer.from_pretrained(str(source))
     else:
@@ -83,10 +90,17 @@ def write_task_yamls(yaml_dir, data_dir, tasks) -> dict[str, str]:
     return names
 
 
-def harness_lm(model_dir, tok_dir, batch_size, bos):
+def harness_lm(model_dir, tok_dir, batch_size, bos, tokenizer=None, check_texts=()):
+    """The harness's HF model; with `tokenizer`, first check that the harness tokenizes `check_texts` (with
+    this BOS setting) exactly as ours does, so that a disagreement can't come from the tokenizers."""
     from lm_eval.models.huggingface import HFLM
-    return HFLM(pretrained=str(model_dir), tokenizer=str(tok_dir), batch_size=batch_size, device="cpu",
-                dtype="float32", add_bos_token=bos)
+    lm = HFLM(pretrained=str(model_dir), tokenizer=str(tok_dir), batch_size=batch_size, device="cpu",
+              dtype="float32", add_bos_token=bos)
+    for text in check_texts:
+        if lm.tok_encode(text) != tokenizer.encode(text, bos=bos):
+            raise UserError(f"the harness's tokenizer (add_bos_token={bos}) encodes {text[:40]!r} differently "
+                            f"from ours; compare with the other --bos setting")
+    return lm
 
 
 def run_harness_task(lm, task_manager, name, limit):
@@ -129,7 +143,9 @@ def main(argv=None):
     bos = {"yes": True, "no": False}[args.bos]
     model, tokenizer = model_lib.load(args.ckpt)
     model_dir, tok_dir = export_for_harness(model, tokenizer, args.ckpt, args.out)
-    lm = harness_lm(model_dir, tok_dir, args.batch_size, bos)
+    checks = [c + x for t in tasks for ctxs, conts, _ in ev.read_task(data_dir, t, args.limit) for c, x in zip(ctxs, conts)]
+    lm = harness_lm(model_dir, tok_dir, args.batch_size, bos, tokenizer, checks)
+    print(f"tokenizers agree on all {len(checks)} request strings (BOS={'yes' if bos else 'no'})", file=sys.stderr)
     rows, report = [], {}
     with tempfile.TemporaryDirectory() as yaml_dir:
         names = write_task_yamls(yaml_dir, data_dir, tasks)
