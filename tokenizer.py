@@ -8,6 +8,7 @@
   BPE stored inside a GGUF file (SmolLM2), rebuilt as a `tiktoken.Encoding` whose ranks are the token ids.
 """
 import base64
+import binascii
 import json
 import re
 from pathlib import Path
@@ -87,10 +88,10 @@ class TiktokenTokenizer:
 
 def read_tiktoken_ranks(path) -> dict:
     ranks = {}
-    for line in Path(path).read_text().splitlines():
+    for line in Path(path).read_bytes().splitlines():
         if line:
             token, rank = line.split()
-            ranks[base64.b64decode(token)] = int(rank)
+            ranks[binascii.a2b_base64(token)] = int(rank)
     return ranks
 
 
