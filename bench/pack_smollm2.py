@@ -6,6 +6,7 @@ scales and mins included), compression vs fp32, pack time, and the packed model'
     python bench/pack_smollm2.py [--ckpt smollm2-135m] [--out out/pack_smollm2]
 
 The 2:4 checkpoint and the packed ones are written under --out (gitignored), ~1.5 GB in all.
+Last, the pack/unpack arithmetic alone is timed on one thread in CPU seconds.
 """
 import argparse
 import sys
@@ -75,6 +76,20 @@ def main():
               f"{r['seconds']:.1f} ({r['cpu_seconds']:.1f}) | {'identical' if exact else f'rel. L2 err {err:.3f}'} |")
     print(f"\n{rows[0][1]['n_packed_weights']:,} weights in 2:4 linears of {n_all:,} "
           f"(linears' bytes/weight include the whole safetensors header: {rows[0][1]['header_bytes']:,} bytes)")
+
+    # the packing arithmetic alone, one thread, CPU time (the CLI's wall time above includes disk and a busy machine)
+    torch.set_num_threads(1)
+    state = checkpoint._safetensors(out / "ckpt_2to4" / "model.safetensors")
+    names = [k + ".weight" for k in masks]
+    for bits in (0, 4):
+        c0 = time.process_time()
+        tensors, layout = pack.pack_state_dict(state, names, masks, bits, 128)
+        c1 = time.process_time()
+        back = pack.unpack_state_dict(tensors, layout)
+        c2 = time.process_time()
+        same = all(torch.equal(back[k], state[k]) for k in state)
+        print(f"--bits {bits}: pack_state_dict {c1 - c0:.1f}s CPU, unpack_state_dict {c2 - c1:.1f}s CPU (1 thread, "
+              f"{len(names)} weights); unpacked == 2:4 weights: {same}")
 
 
 if __name__ == "__main__":
