@@ -174,8 +174,7 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, sparsity, blocksize: 
         for i1 in range(0, cols, blocksize):
             i2 = min(i1 + blocksize, cols)
             W1 = W[:, i1:i2].clone()
-            Q1 = torch.zeros_like(W1)
-            Err1 = torch.zeros_like(W1)
+            ErrT = torch.zeros(i2 - i1, rows, device=W.device)  # transposed: each column's error is contiguous
             Hinv1 = Hinv[i1:i2, i1:i2]
             d = torch.diag(Hinv1)
             mask1 = torch.zeros_like(W1, dtype=torch.bool)  # True = pruned
@@ -183,20 +182,19 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, sparsity, blocksize: 
                 score = W1 ** 2 / d.unsqueeze(0) ** 2
                 k = int(score.numel() * sparsity)
                 mask1.view(-1)[torch.sort(score.view(-1), stable=True).indices[:k]] = True
+                scale = mask1 / d  # err = w / [H^-1]_jj where pruned, 0 where kept
+            else:
+                scale = torch.empty_like(W1)
             for i in range(i2 - i1):
-                w = W1[:, i]
                 if isinstance(sparsity, tuple) and i % m == 0:  # N:M: decide the next group with updated W
                     score = W1[:, i:i + m] ** 2 / d[i:i + m].unsqueeze(0) ** 2
                     mask1.scatter_(1, i + torch.topk(score, m - n, dim=1, largest=False).indices, True)
-                q = w.clone()
-                q[mask1[:, i]] = 0
-                Q1[:, i] = q
-                err = (w - q) / d[i]
-                W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)  # OBS update inside the block
-                Err1[:, i] = err
-            W[:, i1:i2] = Q1
+                    torch.div(mask1[:, i:i + m], d[i:i + m], out=scale[:, i:i + m])
+                torch.mul(W1[:, i], scale[:, i], out=ErrT[i])
+                W1[:, i:].addr_(ErrT[i], Hinv1[i, i:], alpha=-1)  # OBS update of the rest of the block
+            W[:, i1:i2] = W1  # pruned columns are ~0 here, exactly 0 below; kept ones got err = 0
             pruned[:, i1:i2] = mask1
-            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # the block's error, to all later columns at once
+            W[:, i2:] -= ErrT.T @ Hinv[i1:i2, i2:]  # the block's error, to all later columns at once
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.set_num_threads(threads)
