@@ -345,13 +345,16 @@ def main(argv=None):
     if args.activation_checkpointing:
         for block in student.layers:
             block.forward = functools.partial(activation_checkpoint, block.forward, use_reentrant=False)
-    student.to(device)
     if args.fsdp:  # shard each block, then the rest; the teacher too (it is as big as the student)
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
+        mesh = init_device_mesh(device.type, (world_size,))
         for model in (student, teacher) if teacher is not None else (student,):
             for block in model.layers:
-                fully_shard(block)
-            fully_shard(model)
+                fully_shard(block, mesh=mesh)  # moves this rank's shard to the device
+            fully_shard(model, mesh=mesh)
+    else:
+        student.to(device)
     masks_by_param = {layer.weight: layer.mask for layer in layers.values()}
     optimizer = ARSAdamW(student.parameters(), masks_by_param, lr=args.lr, betas=(0.9, args.beta2),
                          weight_decay=args.weight_decay, form=args.decay_form)
