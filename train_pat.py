@@ -45,14 +45,14 @@ class PATArgs(TrainArgs):
     """Pruning-Aware Tuning: LoRA + a trainable hidden-channel mask, merged into a narrower Llama."""
     # the defaults of the shared fields are the CPU demo's (python train_pat.py with no arguments)
     out: str = "out/pat"
-    max_steps: int = 24
+    max_steps: int = 16
     batch_size: int = 4
     seq_len: int = 128
     lr: float = 1e-3  # LoRA and HSM peak lr (the paper: 5e-5 over ~30k steps on Llama-2-7B)
     warmup_steps: int = 2
     ckpt_interval: int = 0
     eval_interval: int = 0
-    eval_windows: int = 8  # WikiText-2 windows for every eval; 0: the whole test set
+    eval_windows: int = 4  # WikiText-2 windows for every eval; 0: the whole test set
     log_interval: int = 1
     data: str = "instruct/lamini-10k.jsonl"  # instruction JSONL (under --data-dir unless a path), "text", or text files a,b
     ratio: float = 0.25  # fraction of the hidden dimension to remove; 0: plain LoRA fine-tuning
@@ -210,6 +210,11 @@ class PAT(nn.Module):
             keep[torch.topk(self.mask_logits.detach(), self.n_open).indices] = True
             self.keep.copy_(keep)
             self.hard.fill_(True)
+
+    def set_hard_mask(self, keep: torch.Tensor):
+        """Use a given hard mask (bool, d) from now on: a merge without training, or an outside channel choice."""
+        self.keep.copy_(keep)
+        self.hard.fill_(True)
 
     def n_open_now(self) -> int:
         if not self.prunes:
@@ -496,7 +501,7 @@ def main(argv=None):
                         + args.identity_weight * identity
                 (loss / args.grad_accum).backward()
             task_sum += task.item() / args.grad_accum
-        training.check_finite(loss, step, last_ckpt)
+        training.check_finite(loss.detach(), step, last_ckpt)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -1,6 +1,5 @@
 """PAT: exact start, mask schedule and count, Identity Loss over every HSM, exact merge, resume."""
 import json
-import math
 
 import pytest
 import torch
