@@ -191,9 +191,10 @@ class Transformer(nn.Module):
         table = self._rope_cache.get(device)
         if table is None or table[0].shape[0] < end:
             n = max(end, min(self.args.max_seq_len, 8192))
-            angles = torch.outer(torch.arange(n, device=device, dtype=torch.float32),
-                                 rope_frequencies(self.args, device))
-            table = self._rope_cache[device] = (angles.cos(), angles.sin())
+            with torch.inference_mode(False):  # a table made during eval must still serve training later
+                angles = torch.outer(torch.arange(n, device=device, dtype=torch.float32),
+                                     rope_frequencies(self.args, device))
+                table = self._rope_cache[device] = (angles.cos(), angles.sin())
         return table[0][start:end, None, :], table[1][start:end, None, :]
 
     def forward(self, tokens, start_pos=None):

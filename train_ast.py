@@ -324,9 +324,7 @@ def main(argv=None):
 
     def ppl(model):
         with torch.no_grad(), autocast(dtype, device):
-            value = perplexity(model, tokenizer, wikitext, args.seq_len, limit=args.eval_windows or None)
-        model._rope_cache.clear()  # built under inference_mode, it could not be saved for backward
-        return value
+            return perplexity(model, tokenizer, wikitext, args.seq_len, limit=args.eval_windows or None)
 
     # resume: weights, masks, optimizer, schedule position, data position, RNG
     start_step, resumed = 0, None

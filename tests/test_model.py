@@ -241,3 +241,13 @@ def test_cli_error_is_one_line_and_nonzero(tmp_path):
                          cwd=os.path.dirname(os.path.dirname(__file__)))
     assert run.returncode == 1
     assert run.stderr.strip().count("\n") == 0 and run.stderr.startswith("error: ")
+
+
+def test_train_after_inference_mode_eval(tiny_args):
+    """Evaluating under inference_mode (perplexity) must not poison the RoPE table for a later backward."""
+    model = Transformer(tiny_args())
+    tokens = torch.randint(0, 256, (1, 16))
+    with torch.inference_mode():
+        model(tokens)
+    model(tokens).sum().backward()
+    assert model.layers[0].attention.wq.weight.grad is not None
