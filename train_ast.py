@@ -149,13 +149,17 @@ def update_masks(layers: dict, init_masks: dict) -> tuple[float, float]:
 
 
 class ARSAdamW(torch.optim.Optimizer):
-    """AdamW whose masked parameters also get λ(t)·(¬M ⊙ W), λ set per step in group["mask_decay"] (ast.md §4).
+    """AdamW whose masked parameters also get the decay λ(t)·(¬M ⊙ W), λ set per step in group["mask_decay"]
+    (ast.md §4).
 
-    form "adamw" (the paper): the decay stays out of the first moment and joins the step,
-        m = β1 m + (1−β1) g,  v = β2 v + (1−β2) (g + λ¬M⊙W)²,  W ← W − lr·(m̂ + λ¬M⊙W)/(√v̂ + ε);
+    form "adamw" (the paper's, and the official GPT-2 optimizer's, for every masked parameter):
+        m = β1 m + (1−β1) g,   u = m + λ¬M⊙W,   v = β2 v + (1−β2) u²,
+        W ← W − lr · (u / (1−β1^t)) / (√(v / (1−β2^t)) + ε)
+      so the decay stays out of the first moment but joins the step and the second moment;
     form "grad" (official LLaMA code, SR-STE): g ← g + λ¬M⊙W, then a standard AdamW step.
-    Both equal torch.optim.AdamW at λ = 0. Decoupled weight decay as in AdamW. Masks are torch.bool,
-    so ¬M is logical NOT (the official GPT-2 code used ~ on an int tensor and pushed weights away from zero)."""
+    Parameters without a mask (embeddings, norms, SLoRB) take a standard AdamW step. Decoupled weight decay
+    as in AdamW. Masks are torch.bool, so ¬M is logical NOT (the official GPT-2 code used ~ on an int
+    tensor, which is −1/−2, and pushed every weight away from zero)."""
 
     def __init__(self, params, masks: dict, lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, form="adamw"):
         if form not in ("adamw", "grad"):
@@ -166,7 +170,7 @@ class ARSAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            (beta1, beta2), lr, eps = group["betas"], group["lr"], group["eps"]
+            (beta1, beta2), lr, eps, lam = group["betas"], group["lr"], group["eps"], group["mask_decay"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -176,17 +180,18 @@ class ARSAdamW(torch.optim.Optimizer):
                     state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(w), exp_avg_sq=torch.zeros_like(w))
                 state["step"] += 1
                 t, m, v = state["step"].item(), state["exp_avg"], state["exp_avg_sq"]
-                decay, g_total = None, g
-                if group["mask_decay"] and p in self.masks:
-                    decay = group["mask_decay"] * w * ~local_rows(self.masks[p], p)  # pulls pruned weights to 0
-                    g_total = g + decay
-                m.lerp_(g_total if self.form == "grad" else g, 1 - beta1)
-                v.mul_(beta2).addcmul_(g_total, g_total, value=1 - beta2)
-                update = m / (1 - beta1 ** t)
-                if self.form == "adamw" and decay is not None:
-                    update = update + decay
+                masked = p in self.masks
+                decay = lam * w * ~local_rows(self.masks[p], p) if masked and lam else 0.0  # pulls pruned W to 0
+                if masked and self.form == "adamw":
+                    m.lerp_(g, 1 - beta1)
+                    update = second = m + decay  # u: in the step and the second moment, not in m
+                else:
+                    g = g + decay
+                    m.lerp_(g, 1 - beta1)
+                    update, second = m, g
+                v.mul_(beta2).addcmul_(second, second, value=1 - beta2)
                 w.mul_(1 - lr * group["weight_decay"])
-                w.addcdiv_(update, (v / (1 - beta2 ** t)).sqrt_().add_(eps), value=-lr)
+                w.addcdiv_(update, (v / (1 - beta2 ** t)).sqrt_().add_(eps), value=-lr / (1 - beta1 ** t))
 
 
 def decay_at(step: int, args) -> float:

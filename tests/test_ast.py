@@ -78,11 +78,13 @@ def test_decay_shrinks_pruned_weights_and_leaves_kept_alone(form):
 
 
 @pytest.mark.parametrize("form", ["adamw", "grad"])
-def test_optimizer_is_adamw_without_decay(form):
+def test_optimizer_is_adamw_where_it_should_be(form):
+    """Unmasked parameters always take AdamW's step; masked ones too in the gradient form with λ = 0."""
     torch.manual_seed(0)
     a = torch.nn.Parameter(torch.randn(8, 16))
     b = torch.nn.Parameter(a.detach().clone())
-    ours = ARSAdamW([a], {a: nm_mask(a.detach().abs(), 2, 4)}, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, form=form)
+    masks = {a: nm_mask(a.detach().abs(), 2, 4)} if form == "grad" else {}
+    ours = ARSAdamW([a], masks, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, form=form)
     ref = torch.optim.AdamW([b], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     for _ in range(4):
         g = torch.randn(8, 16)
@@ -92,21 +94,26 @@ def test_optimizer_is_adamw_without_decay(form):
     torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7)
 
 
-def test_paper_form_keeps_decay_out_of_first_moment():
+def test_paper_form_follows_the_papers_equations():
+    """m from g alone; u = m + λ¬M⊙W feeds the step and the second moment (ast.md §4, official adamw.py)."""
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.randn(4, 8))
     mask = nm_mask(w.detach().abs(), 2, 4)
-    g = torch.randn(4, 8)
-    w0 = w.detach().clone()
-    opt = ARSAdamW([w], {w: mask}, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, form="adamw")
-    opt.param_groups[0]["mask_decay"] = 0.1
-    w.grad = g.clone()
-    opt.step()
-    decay = 0.1 * w0 * ~mask
-    torch.testing.assert_close(opt.state[w]["exp_avg"], 0.1 * g)  # m = (1 - β1) g: no decay in it
-    v = 0.05 * (g + decay) ** 2
-    expected = w0 - 1e-3 * (0.1 * g / 0.1 + decay) / ((v / 0.05).sqrt() + 1e-8)  # bias-corrected
-    torch.testing.assert_close(w.detach(), expected)
+    lr, (b1, b2), eps, wd, lams = 1e-3, (0.9, 0.95), 1e-8, 0.1, [0.1, 0.2, 0.3]
+    opt = ARSAdamW([w], {w: mask}, lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, form="adamw")
+    ref, m, v = w.detach().clone(), torch.zeros(4, 8), torch.zeros(4, 8)
+    for t, lam in enumerate(lams, 1):
+        g = torch.randn(4, 8)
+        decay = lam * ref * ~mask
+        m = b1 * m + (1 - b1) * g
+        u = m + decay
+        v = b2 * v + (1 - b2) * u ** 2
+        ref = ref * (1 - lr * wd) - lr / (1 - b1 ** t) * u / ((v / (1 - b2 ** t)).sqrt() + eps)
+        opt.param_groups[0]["mask_decay"] = lam
+        w.grad = g
+        opt.step()
+        torch.testing.assert_close(opt.state[w]["exp_avg"], m)  # no decay in the first moment
+    torch.testing.assert_close(w.detach(), ref)
 
 
 def test_ste_forward_is_masked_and_backward_reaches_pruned_weights():
