@@ -273,3 +273,21 @@ def test_train_resumes_exactly_and_writes_the_merged_model(tmp_path, data_dir, m
     assert model.args.dim == 48 and model.output.weight is model.tok_embeddings.weight
     log = [json.loads(line) for line in open("resumed/log.jsonl")]
     assert [r["open"] for r in log if "open" in r][-1] == 48 and "ppl_merged" in log[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("keep_tied", [True, False])
+def test_merged_model_exports_to_hugging_face(tmp_path, keep_tied):
+    """The narrower model (head_dim != dim / n_heads, rescaled eps, tied or untied) in transformers' Llama."""
+    transformers = pytest.importorskip("transformers")
+    import checkpoint
+    pat = PAT(tiny(tie=True, eps=1e-2), ratio=0.25, milestone=10, hsm_rank=8, lora_rank=4, keep_tied=keep_tied)
+    randomize(pat)
+    hard_mask(pat)
+    x = tokens()
+    with torch.no_grad():
+        ref = pat(x)
+        checkpoint.export_hf(merge(pat), byte_tokenizer(), tmp_path)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float32).eval()
+        out = hf(x).logits
+    assert (ref - out).abs().max() < 1e-4 * ref.abs().max()
