@@ -533,7 +533,7 @@ def main(argv=None):
         return
     pat.eval()
     ppl_tuned = wikitext_ppl(model, tokenizer, args, wiki)
-    print(f"WikiText-2 perplexity after tuning (hard mask, unmerged): {ppl_tuned:.3f}")
+    print(f"WikiText-2 perplexity after tuning (unmerged{', hard mask' if pat.prunes else ''}): {ppl_tuned:.3f}")
     merged = merge(pat)
     ppl_merged = wikitext_ppl(merged, tokenizer, args, wiki)
     n_before, n_after = count_params(model), count_params(merged)
