@@ -407,7 +407,6 @@ def wikitext_ppl(model, tokenizer, args, text):
     with torch.no_grad():
         ppl = perplexity(model, tokenizer, text, args.eval_seq_len, limit=args.eval_windows or None)
     model.train(was_training)
-    model._rope_cache.clear()  # built under inference_mode, it could not be saved for backward
     return ppl
 
 
