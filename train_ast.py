@@ -398,7 +398,7 @@ def main(argv=None):
             flips = update_masks(layers, init_masks)
         record = {"step": done, **parts, "lr": lr_at(step, args), "lam": decay_at(step, args),
                   "flip_prev": flips[0], "flip_init": flips[1]}
-        if args.eval_interval and done % args.eval_interval == 0 or done == args.max_steps:
+        if args.eval_interval >= 0 and (args.eval_interval and done % args.eval_interval == 0 or done == args.max_steps):
             record["ppl"] = last_ppl = ppl(student)
         if master:
             log.log(record)
@@ -423,7 +423,7 @@ def main(argv=None):
         say(f"saved {out / 'final'} (our format{'' if args.slorb_k else ' + hf/'}), log {out / 'log.jsonl'}, plot {out / 'log.png'}")
         say(f"WikiText-2 ppl (seq {args.seq_len}, {args.eval_windows or 'all'} windows): dense "
             f"{dense_ppl and f'{dense_ppl:.2f}'} | one-shot 2:4 {oneshot_ppl and f'{oneshot_ppl:.2f}'} | "
-            f"AST {args.max_steps} steps {last_ppl:.2f}")
+            f"AST {args.max_steps} steps {last_ppl and f'{last_ppl:.2f}'}")
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

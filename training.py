@@ -43,7 +43,7 @@ class TrainArgs:
     dtype: str = "auto"  # autocast dtype: bfloat16 on GPU, float32 on CPU
     seed: int = 0
     ckpt_interval: int = 500  # steps between resumable checkpoints; 0: only at the end
-    eval_interval: int = 500  # steps between WikiText-2 perplexity evals; 0: only at the end
+    eval_interval: int = 500  # steps between WikiText-2 perplexity evals; 0: only at the end; -1: never
     eval_windows: int = 16  # WikiText-2 windows per eval; 0: the whole test set
     log_interval: int = 10
     compile: bool = False  # torch.compile the student
