@@ -84,9 +84,9 @@ def main():
     cols = sorted(patterns, key=lambda s: (":" in s, s))
     runs = {(r["method"], r["sparsity"]): r for r in results["runs"]}
     print(f"\n{protocol}; calibration {results['calibration']}\n")
-    print("| method | " + " | ".join("50%" if c == "0.5" else c for c in cols) + " | time per run (s) |")
+    print("| method | " + " | ".join("50%" if c == "0.5" else c for c in cols) + " | seconds per run (" + "/".join("50%" if c == "0.5" else c for c in cols) + ") |")
     print("|---|" + "---|" * (len(cols) + 1))
-    print(f"| dense | {results['dense_ppl']:.2f} |" + " |" * len(cols))
+    print("| dense | " + " | ".join(f"{results['dense_ppl']:.2f}" for _ in cols) + " | |")
     for method in ["magnitude", "wanda", "sparsegpt"]:
         if any((method, c) in runs for c in cols):
             cells = [f"{runs[(method, c)]['ppl']:.2f}" if (method, c) in runs else "" for c in cols]
