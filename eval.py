@@ -225,14 +225,13 @@ def pack_item(requests, max_len):
 def packed_hidden(model, tokens, positions, mask):
     """model.forward up to the final norm, but with explicit positions (B, T) and a boolean attention mask
     (B, 1, T, T) instead of plain causal attention; tests check it equals model.forward on causal rows."""
-    cos, sin = model.rope(0, int(positions.max()) + 1, tokens.device)  # (n, 1, head_dim // 2)
-    cos, sin = cos[positions], sin[positions]  # (B, T, 1, head_dim // 2): broadcasts over heads
+    freqs_cis = model.rope(0, int(positions.max()) + 1, tokens.device)[positions]  # (B, T, 1, head_dim // 2)
     h = model.tok_embeddings(tokens)
     B, T, _ = h.shape
     for layer in model.layers:
         a, x = layer.attention, layer.attention_norm(h)
-        q = apply_rope(a.wq(x).view(B, T, a.n_heads, a.head_dim), cos, sin).transpose(1, 2)
-        k = apply_rope(a.wk(x).view(B, T, a.n_kv_heads, a.head_dim), cos, sin).transpose(1, 2)
+        q = apply_rope(a.wq(x).view(B, T, a.n_heads, a.head_dim), freqs_cis).transpose(1, 2)
+        k = apply_rope(a.wk(x).view(B, T, a.n_kv_heads, a.head_dim), freqs_cis).transpose(1, 2)
         v = a.wv(x).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         h = h + a.wo(y.transpose(1, 2).reshape(B, T, -1))

@@ -87,11 +87,10 @@ def rope_frequencies(args: ModelArgs, device=None):
     return torch.where(medium, smoothed, scaled)
 
 
-def apply_rope(x, cos, sin):
-    """Rotate interleaved pairs (x[2i], x[2i+1]) by angle pos * theta_i (Meta's complex-number layout)."""
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
-    return out.type_as(x)
+def apply_rope(x, freqs_cis):
+    """Rotate interleaved pairs (x[2i], x[2i+1]) by angle pos·θ_i: as complex numbers, times e^(i·pos·θ_i) (Meta's layout)."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * freqs_cis).flatten(-2).type_as(x)
 
 
 class SLoRBLinear(nn.Linear):
@@ -119,12 +118,12 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.cache_k = self.cache_v = None  # (B, n_kv_heads, max_len, head_dim) while generating
 
-    def forward(self, x, cos, sin, start_pos=None):
+    def forward(self, x, freqs_cis, start_pos=None):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, freqs_cis), apply_rope(k, freqs_cis)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
         if start_pos is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
@@ -157,8 +156,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, start_pos=None):
-        h = x + self.attention(self.attention_norm(x), cos, sin, start_pos)
+    def forward(self, x, freqs_cis, start_pos=None):
+        h = x + self.attention(self.attention_norm(x), freqs_cis, start_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -186,23 +185,23 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def rope(self, start, length, device):
-        """cos and sin of the angles for positions start .. start+length-1, shaped to broadcast over heads."""
+        """e^(i·pos·θ) for positions start .. start+length-1 (complex64), shaped to broadcast over heads."""
         end = start + length
         table = self._rope_cache.get(device)
-        if table is None or table[0].shape[0] < end:
+        if table is None or table.shape[0] < end:
             n = max(end, min(self.args.max_seq_len, 8192))
             with torch.inference_mode(False):  # a table made during eval must still serve training later
                 angles = torch.outer(torch.arange(n, device=device, dtype=torch.float32),
                                      rope_frequencies(self.args, device))
-                table = self._rope_cache[device] = (angles.cos(), angles.sin())
-        return table[0][start:end, None, :], table[1][start:end, None, :]
+                table = self._rope_cache[device] = torch.polar(torch.ones_like(angles), angles)
+        return table[start:end, None, :]
 
     def forward(self, tokens, start_pos=None):
         """Logits (B, T, vocab) in float32. start_pos=None: plain causal pass; an int: use the KV cache."""
         h = self.tok_embeddings(tokens)
-        cos, sin = self.rope(start_pos or 0, tokens.shape[1], tokens.device)
+        freqs_cis = self.rope(start_pos or 0, tokens.shape[1], tokens.device)
         for layer in self.layers:
-            h = layer(h, cos, sin, start_pos)
+            h = layer(h, freqs_cis, start_pos)
         return self.output(self.norm(h)).float()
 
     def setup_cache(self, batch_size, max_len):
