@@ -170,6 +170,8 @@ def test_slorb_init_keeps_each_groups_weight_sum():
 def tiny_run(tmp_path_factory):
     """A tiny checkpoint with a byte tokenizer and a small data dir (text/ + wikitext-2-raw/)."""
     import checkpoint
+    if not SHARED.exists():
+        pytest.skip("needs ../shared/data")
     root = tmp_path_factory.mktemp("ast")
     model = tiny(seed=1)
     checkpoint.save(model, byte_tokenizer(), root / "tiny")
