@@ -295,6 +295,8 @@ def export_hf(model: Transformer, tokenizer, out_dir):
     """config.json + model.safetensors in Hugging Face's Llama layout (loadable by transformers), plus our
     tokenizer files so that load() reads the export back."""
     a = model.args
+    if a.slorb_k:
+        raise UserError("this model has SLoRB branches, which Hugging Face's Llama cannot hold: keep it in our format")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {}
