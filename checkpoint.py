@@ -116,6 +116,8 @@ def load(ckpt, device="cpu", dtype=torch.float32, tokenizer=True):
     args, state, tok = {"meta": read_meta, "hf": read_hf, "gguf": read_gguf, "ours": read_ours}[fmt](path)
     model = build(args, state, str(path))
     model.to(device=device, dtype=dtype).eval()
+    if tokenizer and fmt != "gguf":  # a GGUF carries its tokenizer; the other formats keep files beside the weights
+        tok = load_tokenizer(path)
     if tokenizer and tok is None:
         raise UserError(f"no tokenizer in {path}: add tokenizer.model (Llama 2/3) next to the weights")
     return model, (tok if tokenizer else None)
@@ -222,7 +224,7 @@ def read_meta(path: Path):
                          max_seq_len=params.get("max_seq_len", 4096))
     except KeyError as e:
         raise UserError(f"{path}: params.json or the weights lack {e}; is this a Meta Llama checkpoint?") from None
-    return args, state, load_tokenizer(path)
+    return args, state, None
 
 
 # ----------------------------------------------------------------------------- Hugging Face
@@ -288,7 +290,7 @@ def read_hf(path: Path):
             state[k] = v
     if args.tie_embeddings:
         state.pop("output.weight", None)
-    return args, state, load_tokenizer(path)
+    return args, state, None
 
 
 def export_hf(model: Transformer, tokenizer, out_dir):
@@ -381,7 +383,7 @@ def read_ours(path: Path):
         state = load_packed_state_dict(path / "packed.safetensors")
     else:
         state = _safetensors(path / "model.safetensors")
-    return args, state, load_tokenizer(path)
+    return args, state, None
 
 
 def _atomic(path: Path, write):
