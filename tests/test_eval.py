@@ -271,6 +271,27 @@ def test_perplexity_is_exp_of_mean_window_nll():
     assert ev.perplexity(model, tok, text, L, limit=1) == pytest.approx(math.exp(nlls[0]), rel=1e-5)
 
 
+class FixedLogits(torch.nn.Module):
+    """A 'model' whose logits are given: large enough (T 1024, V 16384) for fp32 summation order to matter."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = torch.nn.Parameter(logits, requires_grad=False)
+
+    def forward(self, tokens):
+        return self.logits.expand(len(tokens), -1, -1)
+
+
+def test_window_nlls_match_float64():
+    torch.manual_seed(0)
+    T, V = 1024, 16384
+    model = FixedLogits(torch.randn(1, T, V) * 3)
+    windows = torch.randint(0, V, (2, T))
+    want = [F.cross_entropy(model.logits[0, :-1].double(), w[1:]).item() for w in windows]
+    got = ev.window_nlls(model, windows, batch_size=2).tolist()
+    assert got == pytest.approx(want, abs=1e-6)  # the (B, V, T) layout was 1e-5 off here
+
+
 def test_wikitext2_protocol_with_llama2_tokenizer(data_dir):
     """eval.md's numbers: Llama 2 tokenizer + one BOS = 341,469 tokens, 83 windows of 4096, 166 of 2048."""
     from data import wikitext2_text
