@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from checkpoint import export_hf, fetch_smollm2  # noqa: E402
 from data import resolve_data_dir, wikitext2_text  # noqa: E402
+from eval import perplexity_windows, window_nlls  # noqa: E402
 from model import load  # noqa: E402
 
 
@@ -37,15 +37,15 @@ def forward_tokens_per_s(fn, tokens, repeat):
     return tokens.numel() / seconds
 
 
-def window_nll(logits_fn, ids, seq_len, limit):
-    n = len(ids) // seq_len if not limit else min(limit, len(ids) // seq_len)
-    nlls = []
-    with torch.inference_mode():
-        for i in range(n):
-            w = torch.tensor([ids[i * seq_len:(i + 1) * seq_len]])
-            logits = logits_fn(w)
-            nlls.append(F.cross_entropy(logits[0, :-1].float(), w[0, 1:]).item())
-    return math.exp(sum(nlls) / n), n
+class Logits(torch.nn.Module):
+    """transformers' model as eval.window_nlls expects one: tokens -> logits."""
+
+    def __init__(self, hf):
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, tokens):
+        return self.hf(tokens).logits
 
 
 def main():
@@ -80,13 +80,14 @@ def main():
         theirs = forward_tokens_per_s(lambda x: hf(x).logits, tokens, a.repeat)
         print(f"  batch {batch} x {length:5d}                          {ours:9.0f}   {theirs:14.0f}      {ours / theirs:5.2f}x")
 
-    if a.ppl_windows is not None:
-        ids = tok.encode(wikitext2_text(resolve_data_dir(a.data_dir)))
-        ppl_ours, n = window_nll(model, ids, a.seq_len, a.ppl_windows)
-        ppl_hf, _ = window_nll(lambda x: hf(x).logits, ids, a.seq_len, a.ppl_windows)
-        print(f"\nWikiText-2 test, {len(ids)} tokens (BOS: {tok.add_bos}), {n} windows of {a.seq_len}, tail dropped:")
+    if a.ppl_windows is not None:  # eval.py's own windows and loss for both models
+        windows, protocol = perplexity_windows(tok, wikitext2_text(resolve_data_dir(a.data_dir)), a.seq_len,
+                                               limit=a.ppl_windows or None)
+        ppl_ours = math.exp(window_nlls(model, windows).mean().item())
+        ppl_hf = math.exp(window_nlls(Logits(hf), windows).mean().item())
+        print(f"\nWikiText-2 test, {protocol['tokens']} tokens (BOS: {protocol['bos']}), {protocol['windows']} windows "
+              f"of {a.seq_len}, tail dropped:")
         print(f"  perplexity ours {ppl_ours:.4f}   transformers (GGUF) {ppl_hf:.4f}   diff {abs(ppl_ours - ppl_hf):.2e}")
-
 
 if __name__ == "__main__":
     main()
