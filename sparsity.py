@@ -373,6 +373,14 @@ def prune(model: nn.Module, method: str, sparsity, calib: torch.Tensor | None = 
     return masks
 
 
+def add_gram_upper(gram: torch.Tensor, x: torch.Tensor, block: int = 192) -> None:
+    """gram += xᵀx on and above the diagonal blocks only (x: tokens × d): the Gram matrix is symmetric, so
+    this is ~0.6x the time of x.T @ x (the full product costs about as much as the block's forward)."""
+    d = x.shape[1]
+    for i in range(0, d, block):
+        gram[i:i + block, i:].addmm_(x[:, i:i + block].T, x[:, i:])
+
+
 def _prune_sequential(model, method, sparsity, calib, targets, blocksize, percdamp, log):
     """Block by block: statistics pass, prune the block's layers, outputs pass. Returns (masks, forward s, method s)."""
     device = next(model.parameters()).device
@@ -406,7 +414,7 @@ def _prune_sequential(model, method, sparsity, calib, targets, blocksize, percda
                             stats[name] = (torch.zeros(d, d, device=x.device) if method == "sparsegpt"
                                            else torch.zeros(d, device=x.device))
                         if method == "sparsegpt":
-                            stats[name].addmm_(x.T, x)  # sum_t x x^T
+                            add_gram_upper(stats[name], x)  # sum_t x x^T, upper triangle
                         else:
                             stats[name].add_((x * x).sum(0))  # sum_t x_j^2
                         _sync(x.device)
@@ -432,7 +440,8 @@ def _prune_sequential(model, method, sparsity, calib, targets, blocksize, percda
                     mask = wanda_mask(lin.weight, stat, sparsity, name=name)
                     lin.weight.mul_(mask)
                 else:
-                    new, mask = sparsegpt(lin.weight, stat * (2.0 / ntokens), sparsity,
+                    hessian = (stat.triu() + stat.triu(1).T) * (2.0 / ntokens)  # mirror the upper triangle
+                    new, mask = sparsegpt(lin.weight, hessian, sparsity,
                                           blocksize=blocksize, percdamp=percdamp, name=name)
                     lin.weight.copy_(new)
                 masks[name] = mask

@@ -230,6 +230,16 @@ def test_sequential_wanda_equals_reference(pattern):
         torch.testing.assert_close(p, ref.state_dict()[n], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("d", [5, 192, 400])
+def test_gram_upper_triangle_mirrors_to_the_full_product(d):
+    x = torch.randn(300, d, dtype=torch.float64)
+    gram = torch.zeros(d, d, dtype=torch.float64)
+    sp.add_gram_upper(gram, x[:100], block=64)
+    sp.add_gram_upper(gram, x[100:], block=64)
+    full = gram.triu() + gram.triu(1).T
+    torch.testing.assert_close(full, x.T @ x)
+
+
 def test_sequential_sparsegpt_uses_pruned_inputs():
     model = tiny_model(seed=1)
     calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
