@@ -102,9 +102,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def sparse_weight(w: torch.Tensor, backend: str):
-    from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
-    SparseSemiStructuredTensor._FORCE_CUTLASS = backend == "cutlass"
-    return to_sparse_semi_structured(w)
+    from kernels.sparse import BACKENDS
+    return BACKENDS[backend].from_dense(w)
 
 
 # ----------------------------------------------------------------------------- 1. per linear

@@ -5,7 +5,7 @@ Run the 2:4 linears of a model on sparse tensor cores (CUDA, compute capability 
     kernels.sparse.to_sparse(model, backend="cutlass")   # or "cusparselt"
 
 Every nn.Linear whose weight is 2:4 sparse (at most 2 nonzeros in each group of 4 consecutive inputs) gets
-weight = torch.sparse.to_sparse_semi_structured(weight); F.linear then dispatches to CUTLASS
+weight = SparseSemiStructuredTensorCUTLASS/CUSPARSELT.from_dense(weight); F.linear then dispatches to CUTLASS
 (torch._sparse_semi_structured_mm) or cuSPARSELt (torch._cslt_sparse_mm). A layer that cannot be converted
 (not 2:4, unsupported dtype, shape not a multiple of the backend's minimum tile) stays dense with one
 printed line saying why. Inference only: the sparse weights take no gradients.
@@ -16,7 +16,7 @@ converted layer gets a pre-hook that makes its input contiguous.
 """
 import torch
 import torch.nn as nn
-from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
+from torch.sparse import SparseSemiStructuredTensor
 from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
 
 from model import UserError
@@ -92,14 +92,14 @@ def to_sparse(model: nn.Module, backend: str = "cutlass", log=print) -> list[str
     """Swap every 2:4 nn.Linear weight of `model` (in place) to a semi-structured sparse tensor.
     Returns the names of the converted modules."""
     check_gpu(next(model.parameters()).device, backend)
-    SparseSemiStructuredTensor._FORCE_CUTLASS = backend == "cutlass"  # global switch read by to_sparse_semi_structured
     done = []
     for name, module, problem in plan(model, backend):
         if problem:
             log(f"kernels.sparse: {name} stays dense: {problem}")
             continue
         w = module.weight.detach().contiguous()
-        module.weight = nn.Parameter(to_sparse_semi_structured(w), requires_grad=False)
+        # the backend's own constructor: to_sparse_semi_structured would read a global switch instead
+        module.weight = nn.Parameter(BACKENDS[backend].from_dense(w), requires_grad=False)
         if getattr(module, "_contiguous_input_hook", None) is None:  # once, even if converted again later
             module._contiguous_input_hook = module.register_forward_pre_hook(_contiguous_input)
         done.append(name)
