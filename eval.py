@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from model import UserError, apply_rope
+from model import UserError
 
 
 class Progress:
@@ -228,15 +228,8 @@ def packed_hidden(model, tokens, positions, mask):
     (B, 1, T, T) instead of plain causal attention; tests check it equals model.forward on causal rows."""
     freqs_cis = model.rope(0, int(positions.max()) + 1, tokens.device)[positions]  # (B, T, 1, head_dim // 2)
     h = model.tok_embeddings(tokens)
-    B, T, _ = h.shape
     for layer in model.layers:
-        a, x = layer.attention, layer.attention_norm(h)
-        q = apply_rope(a.wq(x).view(B, T, a.n_heads, a.head_dim), freqs_cis).transpose(1, 2)
-        k = apply_rope(a.wk(x).view(B, T, a.n_kv_heads, a.head_dim), freqs_cis).transpose(1, 2)
-        v = a.wv(x).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-        h = h + a.wo(y.transpose(1, 2).reshape(B, T, -1))
-        h = h + layer.feed_forward(layer.ffn_norm(h))
+        h = layer(h, freqs_cis, mask=mask)
     return model.norm(h)
 
 

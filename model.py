@@ -118,7 +118,8 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.cache_k = self.cache_v = None  # (B, n_kv_heads, max_len, head_dim) while generating
 
-    def forward(self, x, freqs_cis, start_pos=None):
+    def forward(self, x, freqs_cis, start_pos=None, mask=None):
+        """mask: None for plain causal attention, else a boolean (B, 1, T, T) of what each query may see."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -126,7 +127,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, freqs_cis), apply_rope(k, freqs_cis)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
         if start_pos is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         else:
             self.cache_k[:B, :, start_pos:start_pos + T] = k
             self.cache_v[:B, :, start_pos:start_pos + T] = v
@@ -156,8 +157,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, freqs_cis, start_pos=None):
-        h = x + self.attention(self.attention_norm(x), freqs_cis, start_pos)
+    def forward(self, x, freqs_cis, start_pos=None, mask=None):
+        h = x + self.attention(self.attention_norm(x), freqs_cis, start_pos, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
