@@ -223,6 +223,34 @@ def test_packed_rows_equal_one_forward_per_request():
             assert g == pytest.approx(w, abs=2e-4)
 
 
+def test_length_batches_are_the_cheapest_split():
+    import itertools
+    lengths = [5, 40, 7, 39, 12, 3, 38, 100, 6]
+    batches = ev.length_batches(lengths, batch_size=4, overhead=3)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert all(1 <= len(b) <= 4 for b in batches)
+
+    def cost(bs):
+        return sum(len(b) * max(lengths[i] for i in b) + 3 for b in bs)
+
+    best = math.inf  # brute force: every split of the items into batches of <= 4, any grouping
+    def splits(items):
+        if not items:
+            yield []
+            return
+        first, rest = items[0], items[1:]
+        for k in range(0, min(3, len(rest)) + 1):
+            for others in itertools.combinations(rest, k):
+                left = [i for i in rest if i not in others]
+                for tail in splits(left):
+                    yield [[first, *others], *tail]
+    for bs in splits(list(range(len(lengths)))):
+        best = min(best, cost(bs))
+    assert cost(batches) == best
+    chunks = sorted(range(9), key=lambda i: -lengths[i])  # plain chunks of 4, longest first
+    assert cost(batches) < cost([chunks[k:k + 4] for k in range(0, 9, 4)])
+
+
 def test_bfloat16_scores_close_to_float32():
     tok = StubTokenizer()
     model = tiny_transformer(vocab=tok.vocab_size)
