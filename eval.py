@@ -7,7 +7,8 @@ tokenizer adds one), cut n = len // L non-overlapping windows, drop the tail, pp
 Zero-shot tasks follow lm-evaluation-harness exactly (templates, continuation = " " + choice, the
 boundary tokenization rule, acc and acc_norm); ../shared/docs/eval.md has the rules. We are faster than
 the harness because each item becomes one packed row: the shared context once, then every choice's
-tokens, each choice attending only to the context and itself (positions restart after the context).
+tokens, each choice attending only to the context and itself (positions restart after the context);
+the LM head runs only where a continuation token is predicted, and batches are cut to minimise padding.
 """
 from __future__ import annotations
 

@@ -6,9 +6,10 @@
 
 Both sides score the same task files with the same BOS setting (no BOS); each is warmed up on 2 items
 first, then timed per task (ours first, then the harness), excluding model loading and dataset building.
-Why we are faster: one packed row per item (shared context computed once, choices as segments) and the
-LM head only at continuation positions; the harness runs one row per (context, choice) and a full-vocab
-log_softmax at every position.
+Why we are faster: one packed row per item (shared context computed once, choices as segments), the LM
+head only at continuation positions, and batch boundaries chosen to minimise padding (eval.length_batches);
+the harness runs one row per (context, choice), a full-vocab log_softmax at every position, and fixed
+chunks of its length-sorted requests.
 """
 from __future__ import annotations
 
