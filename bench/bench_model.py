@@ -89,5 +89,6 @@ def main():
               f"of {a.seq_len}, tail dropped:")
         print(f"  perplexity ours {ppl_ours:.4f}   transformers (GGUF) {ppl_hf:.4f}   diff {abs(ppl_ours - ppl_hf):.2e}")
 
+
 if __name__ == "__main__":
     main()
