@@ -22,9 +22,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import math
-import os
-import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path

@@ -76,7 +76,7 @@ def main():
     print(f"dense: dim {dense.args.dim}, {count(dense):,} parameters; merged: dim {merged.args.dim}, "
           f"{count(merged):,} parameters ({source})")
     print(f"device {device} {a.dtype}, {torch.get_num_threads()} threads, median of {a.repeat}\n")
-    print(f"| workload | dense tok/s | merged tok/s | speedup |\n|---|---|---|---|")
+    print("| workload | dense tok/s | merged tok/s | speedup |\n|---|---|---|---|")
     g = torch.Generator().manual_seed(0)
     for shape in a.shapes.split(","):
         b, t = map(int, shape.split("x"))

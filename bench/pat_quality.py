@@ -22,7 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import checkpoint  # noqa: E402
 import data  # noqa: E402
 import train_pat  # noqa: E402
-from eval import perplexity  # noqa: E402
 from model import load  # noqa: E402
 
 

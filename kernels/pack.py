@@ -100,7 +100,6 @@ def pack_bits(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of pack_bits: the first n values as int64."""
-    per = 8 // bits
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
     x = (packed.reshape(-1, 1) >> shifts) & (2 ** bits - 1)
     return x.reshape(-1)[:n].long()
