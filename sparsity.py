@@ -330,6 +330,14 @@ def _run_block(block, x, rest):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def check_fits(targets: "dict[str, nn.Linear]", sparsity) -> None:
+    """Fail before any work if a layer's input dimension can't take N:M; the error names the layer."""
+    if isinstance(sparsity, tuple):
+        for name, lin in targets.items():
+            if lin.in_features % sparsity[1]:
+                nm_mask(lin.weight[:1], *sparsity, name=name)
+
+
 @torch.no_grad()
 def prune(model: nn.Module, method: str, sparsity, calib: torch.Tensor | None = None,
           layers: str | None = None, blocksize: int = 128, percdamp: float = 0.01,
@@ -345,10 +353,7 @@ def prune(model: nn.Module, method: str, sparsity, calib: torch.Tensor | None = 
     if isinstance(sparsity, str):
         sparsity = parse_sparsity(sparsity)
     targets = prunable_linears(model, layers)
-    if isinstance(sparsity, tuple):  # fail before any work if a dimension can't take N:M
-        for name, lin in targets.items():
-            if lin.in_features % sparsity[1]:
-                nm_mask(lin.weight[:1], *sparsity, name=name)
+    check_fits(targets, sparsity)
     t_start = time.perf_counter()
     if method == "magnitude":  # needs no data
         masks = {}
@@ -550,6 +555,7 @@ def main(argv=None):
     device = torch.device(cfg.device)
     data_dir = data.resolve_data_dir(cfg.data_dir)
     model, tokenizer = load(cfg.ckpt, device=cfg.device, dtype=dtypes[cfg.dtype])
+    check_fits(prunable_linears(model, cfg.layers), sparsity)  # before the dense evaluation, not after it
 
     def ppl():
         from eval import perplexity
@@ -561,7 +567,7 @@ def main(argv=None):
         from eval import perplexity_protocol
         text = data.wikitext2_text(data_dir)
         p = perplexity_protocol(tokenizer, text, cfg.seq_len, limit=cfg.limit)
-        protocol = (f"WikiText-2 test, seq-len {p['seq_len']}, {p['windows']} windows of {p['tokens'] // p['seq_len']}, "
+        protocol = (f"WikiText-2 test, seq-len {p['seq_len']}, first {p['windows']} of {p['tokens'] // p['seq_len']} windows, "
                     f"BOS {'yes' if p['bos'] else 'no'}")
         t = time.perf_counter()
         results["dense_ppl"] = ppl()

@@ -301,6 +301,18 @@ def test_indivisible_dim_is_a_clear_error_before_any_work():
     assert torch.equal(model.layers[0].attention.wq.weight, w)
 
 
+def test_cli_indivisible_dim_fails_before_reading_data(tmp_path, data_dir):
+    """sparsity.py names the layer before the dense evaluation: the data dir given here is empty."""
+    import shutil
+    import checkpoint
+    checkpoint.save(tiny_model(hidden_dim=100), None, tmp_path / "ck")
+    shutil.copy(data_dir / "tokenizers" / "llama2" / "tokenizer.model", tmp_path / "ck")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"layers\.0\.feed_forward\.w2: input dim 100 is not a multiple of M=8"):
+        sp.main(["--ckpt", str(tmp_path / "ck"), "--method", "wanda", "--sparsity", "4:8",
+                 "--data-dir", str(tmp_path / "empty"), "--device", "cpu"])
+
+
 def test_calibration_windows_follow_the_official_sampler(tmp_path):
     class ByteTokenizer:
         add_bos = False
