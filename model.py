@@ -3,14 +3,14 @@ SwiGLU MLP, tied or separate LM head, a KV cache and a small `generate`.
 
 Every projection is a plain bias-free nn.Linear with Meta's names (wq wk wv wo w1 w2 w3), so pruning code
 finds them as `layers.{i}.attention.wq` ... `layers.{i}.feed_forward.w3`. `head_dim` is its own field:
-a model whose hidden size was pruned has n_heads * head_dim != dim.
+a model whose hidden size was pruned has n_heads * head_dim != dim. A configuration that can't work raises
+ValueError (checkpoint.py reports it as one line).
 
-    from model import load
+    from checkpoint import load   # loading lives with the formats; this file imports nothing of the project
     model, tokenizer = load("smollm2-135m", device="cpu", dtype=torch.float32)
     logits = model(torch.tensor([tokenizer.encode("Hello")]))   # (B, T, vocab), float32
 """
 import math
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -18,20 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-class UserError(Exception):
-    """Bad input (a missing file, a wrong shape, an unknown name): reported as one line, never a traceback."""
-
-
-def cli_main(main):
-    """Run a script's main(); bad input ends with one line on stderr and exit status 1."""
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+# the seven projections of every block, by Meta's names: what pruning methods prune
+PROJECTIONS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
+               "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
 
 
 @dataclass
@@ -54,9 +43,9 @@ class ModelArgs:
         self.n_kv_heads = self.n_kv_heads or self.n_heads
         self.head_dim = self.head_dim or self.dim // self.n_heads
         if self.n_heads % self.n_kv_heads:
-            raise UserError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if self.head_dim % 2:
-            raise UserError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
 
 
 class RMSNorm(nn.Module):
@@ -99,7 +88,7 @@ class SLoRBLinear(nn.Linear):
 
     def __init__(self, in_features, out_features, k):
         if in_features % k:
-            raise UserError(f"slorb_k={k} does not divide the input dim {in_features}")
+            raise ValueError(f"slorb_k={k} does not divide the input dim {in_features}")
         super().__init__(in_features, out_features, bias=False)
         self.slorb_x = nn.Parameter(torch.zeros(in_features // k, in_features))
         self.slorb_s = nn.Parameter(torch.zeros(out_features, in_features // k))
@@ -236,8 +225,3 @@ class Transformer(nn.Module):
         finally:
             self.setup_cache(None, None)
 
-
-def load(ckpt, device="cpu", dtype=torch.float32, tokenizer=True):
-    """(model, tokenizer) from a name (`smollm2-135m`, `llama2-7b` ...) or a path; formats live in checkpoint.py."""
-    import checkpoint  # imported here because checkpoint.py builds on this file
-    return checkpoint.load(ckpt, device=device, dtype=dtype, tokenizer=tokenizer)

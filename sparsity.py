@@ -3,42 +3,68 @@ One-shot pruning of the seven linear layers of every decoder block: magnitude, W
 unstructured (a ratio) or N:M semi-structured along the input dimension (2:4, 4:8, any N:M).
 
     python sparsity.py --ckpt smollm2-135m --method wanda --sparsity 2:4 --out out/wanda24
+    python sparsity.py --method sparsegpt --sparsity 0.5 --nsamples 128 --ppl-windows 8   # 8 eval windows
+    masks = sparsity.prune(model, "sparsegpt", "2:4", calib)   # from Python: {module name: bool mask}
 
-Calibration is sequential, one decoder block at a time (as in the official Wanda and SparseGPT code):
-the calibration windows are run through block l, its layers are pruned, and the windows are run through
-the pruned block again to become the inputs of block l+1. Only one block's activations live at once, so
-a 7B model calibrates on one GPU.
+- magnitude: score |W_ij|, the baseline both papers compare against;
+- Wanda (Sun et al. 2023, "A Simple and Effective Pruning Approach for Large Language Models", §3, Eq. 1;
+  github.com/locuslab/wanda): score |W_ij| * ||X_j||_2, compared per output row; no weight update;
+- SparseGPT (Frantar & Alistarh 2023, "SparseGPT: Massive Language Models Can Be Accurately Pruned in
+  One-Shot", §3, Alg. 1; github.com/IST-DASLab/sparsegpt): columns in blocks, the mask chosen by
+  w^2 / [H^-1]_jj^2 (§3.2; N:M §3.3), each pruned weight's error absorbed by the later columns (OBS update).
 
-Choices where the papers leave room, all as in the official code unless said:
+Calibration is sequential, one decoder block at a time (as in the official code): the calibration windows
+are run through block l, its layers are pruned, and the windows are run through the pruned block again to
+become the inputs of block l+1; only one block's activations live at once, so a 7B model calibrates on one
+GPU. Where the papers leave room we do as the official code does:
 - the seven layers of a block are scored on the same block inputs (no "true sequential" inside a block);
 - magnitude's unstructured masks compare the whole layer, Wanda's each output row, SparseGPT's each
   (rows x 128) column block; N:M groups are runs of M inputs in each row for all three;
 - exact counts (a sort, not a `<= threshold`): dequantized 4-bit weights tie a lot;
 - q,k,v (and w1,w3) read one tensor, so its statistics (Hessian / norms) are accumulated once.
-
-References: Wanda, Sun et al. 2023 (github.com/locuslab/wanda); SparseGPT, Frantar & Alistarh 2023
-(github.com/IST-DASLab/sparsegpt). Masks are torch.bool, True = weight kept.
+Masks are torch.bool, True = weight kept.
 """
-import argparse
-import dataclasses
-import random
-import resource
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 import torch.nn as nn
 
-from model import UserError
+from checkpoint import load, save
+from cli import (DTYPES, Device, DType, UserError, cli_main, parse_config, peak_memory_gb, reset_peak_memory,
+                 resolve_device)
+from data import c4_paths, calibration_windows, resolve_data_dir
+from eval import WikiText2
+from model import PROJECTIONS
 
-PROJECTIONS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # attention.{wq,wk,wv,wo}, feed_forward.{w1,w2,w3}
-METHODS = ("magnitude", "wanda", "sparsegpt")
+Method = Literal["magnitude", "wanda", "sparsegpt"]
+METHODS = get_args(Method)
 BATCH_TOKENS = 2048  # calibration tokens per block forward: one window of 2048, or 8 of 256
 
-# -----------------------------------------------------------------------------
-# patterns and masks
 
+@dataclass
+class Config:
+    """One-shot pruning (magnitude, Wanda, SparseGPT) of a Llama's seven projections, N:M or unstructured."""
+    ckpt: str = "smollm2-135m"  # model name or checkpoint path (checkpoint.load)
+    method: Method = "wanda"  # pruning criterion
+    sparsity: str = "2:4"  # N:M (2:4, 4:8) or a pruned fraction (0.5)
+    out: str | None = None  # directory for the pruned checkpoint (weights with exact zeros + masks)
+    nsamples: int = 128  # calibration windows (Wanda, SparseGPT)
+    calib_len: int = 2048  # tokens per calibration window
+    ppl_seq_len: int = 2048  # WikiText-2 perplexity window length
+    ppl_windows: int = 0  # evaluate only the first N perplexity windows (0: all)
+    eval: bool = True  # measure dense and pruned WikiText-2 perplexity
+    data_dir: str | None = None  # default ./data, then ../shared/data
+    device: Device = "auto"  # auto: cuda when torch sees a GPU, else cpu
+    dtype: DType = "float32"  # weight dtype (SparseGPT's math is fp32 anyway)
+    layers: str | None = None  # restrict pruning, e.g. "0-3,10" or "w1,w2,w3"
+    seed: int = 0  # calibration sampling seed
+    blocksize: int = 128  # SparseGPT column block
+    percdamp: float = 0.01  # SparseGPT damping, fraction of mean(diag H)
+
+
+# ----------------------------------------------------------------------------- patterns
 
 def parse_sparsity(s) -> "tuple[int, int] | float":
     """'2:4' -> (2, 4) (keep 2 of every 4); '0.5' or '50%' -> 0.5 (fraction pruned)."""
@@ -61,6 +87,50 @@ def parse_sparsity(s) -> "tuple[int, int] | float":
 def sparsity_str(sparsity) -> str:
     return f"{sparsity[0]}:{sparsity[1]}" if isinstance(sparsity, tuple) else f"{sparsity:g}"
 
+
+# ----------------------------------------------------------------------------- which layers
+
+SHORT = {p.split(".")[-1]: p for p in PROJECTIONS}  # wq -> attention.wq ... (the names --layers takes)
+
+
+def prunable_linears(model: nn.Module, layers_filter: str | None = None) -> "dict[str, nn.Linear]":
+    """The seven projections (model.PROJECTIONS) of every block, by module name (layers.0.attention.wq ...).
+    layers_filter: comma-separated block indices or ranges and/or projection names, e.g. "0-3,10", "w1,w2,w3",
+    "0-3,wq"; a layer is kept if it matches both kinds given."""
+    found = {name: mod for name, mod in model.named_modules() if isinstance(mod, nn.Linear)
+             and name.startswith("layers.") and name.split(".", 2)[-1] in PROJECTIONS}
+    if not layers_filter:
+        return found
+    usage = f"use block indices/ranges (0-3,7) or projection names ({','.join(SHORT)})"
+    blocks, projs = set(), set()
+    for item in layers_filter.replace(" ", "").split(","):
+        if item in SHORT:
+            projs.add(SHORT[item])
+        elif item:
+            try:
+                lo, hi = (int(v) for v in item.split("-")) if "-" in item else (int(item), int(item))
+            except ValueError:
+                raise UserError(f"bad --layers item {item!r}: {usage}") from None
+            if lo > hi:
+                raise UserError(f"bad --layers item {item!r}: a range runs from low to high; {usage}")
+            blocks.update(range(lo, hi + 1))
+    kept = {name: mod for name, mod in found.items() if (not blocks or int(name.split(".")[1]) in blocks)
+            and (not projs or name.split(".", 2)[-1] in projs)}
+    if not kept:
+        raise UserError(f"--layers {layers_filter!r} selects no layer (the model has blocks "
+                        f"0-{len(model.layers) - 1} and projections {','.join(SHORT)})")
+    return kept
+
+
+def check_fits(targets: "dict[str, nn.Linear]", sparsity) -> None:
+    """Fail before any work if a layer's input dimension can't take N:M; the error names the layer."""
+    if isinstance(sparsity, tuple):
+        for name, lin in targets.items():
+            if lin.in_features % sparsity[1]:
+                nm_mask(lin.weight[:1], *sparsity, name=name)
+
+
+# ----------------------------------------------------------------------------- masks and the three criteria
 
 def nm_mask(score: torch.Tensor, n: int, m: int, name: str | None = None) -> torch.Tensor:
     """Keep the n largest scores in every run of m consecutive inputs (last dim) of each output row."""
@@ -85,36 +155,6 @@ def unstructured_mask(score: torch.Tensor, sparsity: float, per_row: bool = True
     order = torch.sort(flat, dim=-1, stable=True).indices[:, :k]
     mask = torch.ones(flat.shape, dtype=torch.bool, device=score.device).scatter_(-1, order, False)
     return mask.reshape(score.shape)
-
-
-def check_nm(t: torch.Tensor, n: int, m: int) -> bool:
-    """Every run of m consecutive entries along the last dim has at most n nonzeros."""
-    if t.shape[-1] % m:
-        return False
-    return bool(((t != 0).reshape(-1, m).sum(-1) <= n).all())
-
-
-def check_mask(mask: torch.Tensor, sparsity) -> bool:
-    """mask is bool and has the pattern: exactly n kept of every m, or the pruned fraction to rounding."""
-    if mask.dtype != torch.bool:
-        return False
-    if isinstance(sparsity, tuple):
-        n, m = sparsity
-        return mask.shape[-1] % m == 0 and bool((mask.reshape(-1, m).sum(-1) == n).all())
-    pruned = 1.0 - mask.float().mean().item()
-    return abs(pruned - sparsity) <= 1.0 / mask.shape[-1] + 1e-6
-
-
-def check_layer(weight: torch.Tensor, mask: torch.Tensor, sparsity) -> bool:
-    """A pruned weight obeys its mask exactly (pruned entries are 0.0) and the mask obeys the pattern."""
-    ok = check_mask(mask, sparsity) and bool((weight[~mask] == 0).all())
-    if isinstance(sparsity, tuple):
-        ok = ok and check_nm(weight, *sparsity)
-    return ok
-
-
-# -----------------------------------------------------------------------------
-# the three criteria, on one layer
 
 
 def magnitude_mask(weight: torch.Tensor, sparsity, name: str | None = None) -> torch.Tensor:
@@ -203,140 +243,7 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, sparsity, blocksize: 
     return W.to(weight.dtype), mask
 
 
-# -----------------------------------------------------------------------------
-# which layers
-
-
-def prunable_linears(model: nn.Module, layers_filter: str | None = None) -> "dict[str, nn.Linear]":
-    """The seven projections of every decoder block, by module name (layers.0.attention.wq ...).
-
-    layers_filter: comma-separated block indices or ranges and/or projection names,
-    e.g. "0-3,10", "w1,w2,w3", "0-3,wq"; a layer is kept if it matches both kinds given.
-    """
-    found = {}
-    for name, mod in model.named_modules():
-        parts = name.split(".")
-        if (len(parts) == 4 and parts[0] == "layers" and parts[2] in ("attention", "feed_forward")
-                and parts[3] in PROJECTIONS and isinstance(mod, nn.Linear)):
-            found[name] = mod
-    if not layers_filter:
-        return found
-    blocks, projs = set(), set()
-    for item in layers_filter.replace(" ", "").split(","):
-        if not item:
-            continue
-        if item[0].isdigit():
-            try:
-                lo, hi = (int(v) for v in item.split("-")) if "-" in item else (int(item), int(item))
-            except ValueError:
-                raise UserError(f"bad --layers item {item!r}: use block indices/ranges (0-3,7) "
-                                f"or projection names ({','.join(PROJECTIONS)})") from None
-            blocks.update(range(lo, hi + 1))
-        elif item in PROJECTIONS:
-            projs.add(item)
-        else:
-            raise UserError(f"bad --layers item {item!r}: use block indices/ranges (0-3,7) "
-                            f"or projection names ({','.join(PROJECTIONS)})")
-    kept = {name: mod for name, mod in found.items()
-            if (not blocks or int(name.split(".")[1]) in blocks) and (not projs or name.split(".")[3] in projs)}
-    if not kept:
-        raise UserError(f"--layers {layers_filter!r} selects no layer (the model has blocks "
-                        f"0-{len(model.layers) - 1} and projections {','.join(PROJECTIONS)})")
-    return kept
-
-
-# -----------------------------------------------------------------------------
-# calibration data
-
-
-def calibration_windows(tokenizer, paths, nsamples: int = 128, seq_len: int = 2048, seed: int = 0) -> torch.Tensor:
-    """nsamples windows of seq_len tokens, as the official Wanda/SparseGPT get_c4: a random document
-    longer than the window, then a random start in it (Python's random, seeded). Returns (nsamples, seq_len)."""
-    from data import read_documents
-    docs = read_documents([Path(p) for p in paths])
-    if not docs:
-        raise UserError(f"no calibration documents in {', '.join(map(str, paths))}")
-    rng = random.Random(seed)
-    encoded = {}  # each document is tokenized once, with the tokenizer's default BOS (as `tokenizer(text)`)
-    long_enough = None
-    windows = []
-    for _ in range(nsamples):
-        for _tries in range(100_000):
-            i = rng.randint(0, len(docs) - 1)
-            if i not in encoded:
-                encoded[i] = tokenizer.encode(docs[i])
-            if len(encoded[i]) > seq_len:
-                break
-        else:
-            long_enough = sum(len(tokenizer.encode(d)) > seq_len for d in docs)
-            raise UserError(f"only {long_enough} of {len(docs)} calibration documents are longer than "
-                            f"--calib-len {seq_len} tokens; lower --calib-len or add text")
-        ids = encoded[i]
-        j = rng.randint(0, len(ids) - seq_len - 1)
-        windows.append(ids[j:j + seq_len])
-    return torch.tensor(windows, dtype=torch.long)
-
-
-def c4_paths(data_dir) -> "list[Path]":
-    paths = sorted(Path(data_dir, "text").glob("redpajama-c4-rp*.jsonl"))
-    if not paths:
-        raise UserError(f"no C4 calibration text at {data_dir}/text/redpajama-c4-rp*.jsonl; pass --data-dir")
-    return paths
-
-
-# -----------------------------------------------------------------------------
-# sequential layer-wise pruning
-
-
-class _Stop(Exception):
-    pass
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _block_inputs(model, calib):
-    """Run the embeddings and catch what block 0 receives: its hidden states for every window, plus the
-    other arguments (rotary tables, causal mask ...) that every block gets unchanged."""
-    captured = []
-
-    def catch(module, args, kwargs):
-        captured.append((args, kwargs))
-        raise _Stop
-
-    handle = model.layers[0].register_forward_pre_hook(catch, with_kwargs=True)
-    device = next(model.parameters()).device
-    hidden = None
-    try:
-        for i in range(calib.shape[0]):
-            try:
-                model(calib[i:i + 1].to(device))
-            except _Stop:
-                pass
-            args, kwargs = captured.pop()
-            if hidden is None:  # one buffer, overwritten block by block (outputs replace inputs)
-                hidden = torch.empty((calib.shape[0],) + args[0].shape[1:], dtype=args[0].dtype, device=device)
-                rest = (args[1:], kwargs)
-            hidden[i] = args[0][0]
-    finally:
-        handle.remove()
-    return hidden, rest
-
-
-def _run_block(block, x, rest):
-    out = block(x, *rest[0], **rest[1])
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def check_fits(targets: "dict[str, nn.Linear]", sparsity) -> None:
-    """Fail before any work if a layer's input dimension can't take N:M; the error names the layer."""
-    if isinstance(sparsity, tuple):
-        for name, lin in targets.items():
-            if lin.in_features % sparsity[1]:
-                nm_mask(lin.weight[:1], *sparsity, name=name)
-
+# ----------------------------------------------------------------------------- sequential pruning, block by block
 
 @torch.no_grad()
 def prune(model: nn.Module, method: str, sparsity, calib: torch.Tensor | None = None,
@@ -356,9 +263,8 @@ def prune(model: nn.Module, method: str, sparsity, calib: torch.Tensor | None = 
     check_fits(targets, sparsity)
     t_start = time.perf_counter()
     if method == "magnitude":  # needs no data
-        masks = {}
+        masks = {name: magnitude_mask(lin.weight, sparsity, name=name) for name, lin in targets.items()}
         for name, lin in targets.items():
-            masks[name] = magnitude_mask(lin.weight, sparsity, name=name)
             lin.weight.mul_(masks[name])
         if report is not None:
             t = time.perf_counter() - t_start
@@ -376,14 +282,6 @@ def prune(model: nn.Module, method: str, sparsity, calib: torch.Tensor | None = 
     if report is not None:
         report.update(forward_s=fwd_s, method_s=work_s, total_s=time.perf_counter() - t_start)
     return masks
-
-
-def add_gram_upper(gram: torch.Tensor, x: torch.Tensor, block: int = 192) -> None:
-    """gram += xᵀx on and above the diagonal blocks only (x: tokens × d): the Gram matrix is symmetric, so
-    this is ~0.6x the time of x.T @ x (the full product costs about as much as the block's forward)."""
-    d = x.shape[1]
-    for i in range(0, d, block):
-        gram[i:i + block, i:].addmm_(x[:, i:i + block].T, x[:, i:])
 
 
 def _prune_sequential(model, method, sparsity, calib, targets, blocksize, percdamp, log):
@@ -466,8 +364,85 @@ def _prune_sequential(model, method, sparsity, calib, targets, blocksize, percda
         log(f"block {b + 1}/{len(model.layers)}: {len(names)} layers {method} {sparsity_str(sparsity)} | "
             f"forward {t_fwd1 + t_fwd2:.1f}s, {method} {hook_s + t_prune:.1f}s "
             f"(stats {hook_s:.1f}s, prune {t_prune:.1f}s)", flush=True)
-    del hidden
     return masks, fwd_s, work_s
+
+
+def add_gram_upper(gram: torch.Tensor, x: torch.Tensor, block: int = 192) -> None:
+    """gram += xᵀx on and above the diagonal blocks only (x: tokens × d): the Gram matrix is symmetric, so
+    this is ~0.6x the time of x.T @ x (the full product costs about as much as the block's forward)."""
+    d = x.shape[1]
+    for i in range(0, d, block):
+        gram[i:i + block, i:].addmm_(x[:, i:i + block].T, x[:, i:])
+
+
+class _Stop(Exception):
+    pass
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _block_inputs(model, calib):
+    """Run the embeddings and catch what block 0 receives: its hidden states for every window, plus the
+    other arguments (rotary tables, causal mask ...) that every block gets unchanged."""
+    captured = []
+
+    def catch(module, args, kwargs):
+        captured.append((args, kwargs))
+        raise _Stop
+
+    handle = model.layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    device = next(model.parameters()).device
+    hidden = None
+    try:
+        for i in range(calib.shape[0]):
+            try:
+                model(calib[i:i + 1].to(device))
+            except _Stop:
+                pass
+            args, kwargs = captured.pop()
+            if hidden is None:  # one buffer, overwritten block by block (outputs replace inputs)
+                hidden = torch.empty((calib.shape[0],) + args[0].shape[1:], dtype=args[0].dtype, device=device)
+                rest = (args[1:], kwargs)
+            hidden[i] = args[0][0]
+    finally:
+        handle.remove()
+    return hidden, rest
+
+
+def _run_block(block, x, rest):
+    out = block(x, *rest[0], **rest[1])
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+# ----------------------------------------------------------------------------- checks
+
+def check_nm(t: torch.Tensor, n: int, m: int) -> bool:
+    """Every run of m consecutive entries along the last dim has at most n nonzeros."""
+    if t.shape[-1] % m:
+        return False
+    return bool(((t != 0).reshape(-1, m).sum(-1) <= n).all())
+
+
+def check_mask(mask: torch.Tensor, sparsity) -> bool:
+    """mask is bool and has the pattern: exactly n kept of every m, or the pruned fraction to rounding."""
+    if mask.dtype != torch.bool:
+        return False
+    if isinstance(sparsity, tuple):
+        n, m = sparsity
+        return mask.shape[-1] % m == 0 and bool((mask.reshape(-1, m).sum(-1) == n).all())
+    pruned = 1.0 - mask.float().mean().item()
+    return abs(pruned - sparsity) <= 1.0 / mask.shape[-1] + 1e-6
+
+
+def check_layer(weight: torch.Tensor, mask: torch.Tensor, sparsity) -> bool:
+    """A pruned weight obeys its mask exactly (pruned entries are 0.0) and the mask obeys the pattern."""
+    ok = check_mask(mask, sparsity) and bool((weight[~mask] == 0).all())
+    if isinstance(sparsity, tuple):
+        ok = ok and check_nm(weight, *sparsity)
+    return ok
 
 
 def verify(model: nn.Module, masks: "dict[str, torch.Tensor]", sparsity) -> None:
@@ -478,101 +453,20 @@ def verify(model: nn.Module, masks: "dict[str, torch.Tensor]", sparsity) -> None
         raise RuntimeError(f"pattern {sparsity_str(sparsity)} violated in {len(bad)} layers: {bad[:5]}")
 
 
-# -----------------------------------------------------------------------------
-# memory
-
-
-def reset_peak_memory(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        try:  # Linux: resets the process's peak resident set size (VmHWM)
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            pass
-
-
-def peak_memory_gb(device) -> float:
-    """Peak GPU memory allocated by torch, or on CPU the process's peak resident memory."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024 / 2 ** 30
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2 ** 30
-
-
-# -----------------------------------------------------------------------------
-# command line
-
-
-@dataclass
-class Config:
-    ckpt: str = "smollm2-135m"  # model name or checkpoint path (model.load)
-    method: str = "wanda"  # magnitude | wanda | sparsegpt
-    sparsity: str = "2:4"  # N:M (2:4, 4:8) or a pruned fraction (0.5)
-    out: str | None = None  # directory for the pruned checkpoint (weights with exact zeros + masks)
-    nsamples: int = 128  # calibration windows
-    calib_len: int = 2048  # tokens per calibration window
-    seq_len: int = 2048  # WikiText-2 perplexity window
-    limit: int | None = None  # evaluate only the first N perplexity windows
-    data_dir: str | None = None  # default ./data, then ../shared/data
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype: str = "float32"  # model dtype: float32 | bfloat16 | float16 (SparseGPT math is fp32 anyway)
-    layers: str | None = None  # restrict pruning, e.g. "0-3,10" or "w1,w2,w3"
-    seed: int = 0  # calibration sampling seed
-    blocksize: int = 128  # SparseGPT column block
-    percdamp: float = 0.01  # SparseGPT damping, fraction of mean(diag H)
-    eval: bool = True  # measure dense and pruned WikiText-2 perplexity
-
-
-def parse_args(argv=None) -> Config:
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        kind = next(t for t in getattr(f.type, "__args__", (f.type,)) if t is not type(None))  # int | None -> int
-        if kind is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            p.add_argument(flag, type=kind, default=f.default)
-    return Config(**vars(p.parse_args(argv)))
-
+# ----------------------------------------------------------------------------- the script
 
 def main(argv=None):
-    cfg = parse_args(argv)
+    cfg = parse_config(Config, argv)
     sparsity = parse_sparsity(cfg.sparsity)
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if cfg.dtype not in dtypes:
-        raise UserError(f"unknown --dtype {cfg.dtype!r}: choose one of {', '.join(dtypes)}")
-    if cfg.method not in METHODS:
-        raise UserError(f"unknown --method {cfg.method!r}: choose one of {', '.join(METHODS)}")
-    import checkpoint
-    import data
-    from model import load
-    device = torch.device(cfg.device)
-    data_dir = data.resolve_data_dir(cfg.data_dir)
-    model, tokenizer = load(cfg.ckpt, device=cfg.device, dtype=dtypes[cfg.dtype])
+    device, data_dir = resolve_device(cfg.device), resolve_data_dir(cfg.data_dir)
+    model, tokenizer = load(cfg.ckpt, device=device, dtype=DTYPES[cfg.dtype])
     check_fits(prunable_linears(model, cfg.layers), sparsity)  # before the dense evaluation, not after it
-
-    def ppl():
-        from eval import perplexity
-        return perplexity(model, tokenizer, text, cfg.seq_len, limit=cfg.limit)
-
     results = {"method": cfg.method, "sparsity": sparsity_str(sparsity)}
-    protocol = None
-    if cfg.eval:
-        from eval import perplexity_protocol
-        text = data.wikitext2_text(data_dir)
-        p = perplexity_protocol(tokenizer, text, cfg.seq_len, limit=cfg.limit)
-        protocol = (f"WikiText-2 test, seq-len {p['seq_len']}, first {p['windows']} of {p['tokens'] // p['seq_len']} windows, "
-                    f"BOS {'yes' if p['bos'] else 'no'}")
+    ppl = WikiText2(tokenizer, data_dir, cfg.ppl_seq_len, cfg.ppl_windows) if cfg.eval else None
+    if ppl is not None:
         t = time.perf_counter()
-        results["dense_ppl"] = ppl()
-        print(f"dense ppl {results['dense_ppl']:.3f} ({protocol}; {time.perf_counter() - t:.0f}s)", flush=True)
-
+        results["dense_ppl"] = ppl(model)
+        print(f"dense ppl {results['dense_ppl']:.3f} ({ppl.describe()}; {time.perf_counter() - t:.0f}s)", flush=True)
     calib = None
     if cfg.method != "magnitude":
         calib = calibration_windows(tokenizer, c4_paths(data_dir), cfg.nsamples, cfg.calib_len, cfg.seed)
@@ -585,22 +479,20 @@ def main(argv=None):
     verify(model, masks, sparsity)
     print(f"verified {sparsity_str(sparsity)} on {len(masks)} layers", flush=True)
     work = f", {cfg.method}'s own work {report['method_s']:.1f}s" if cfg.method != "magnitude" else ""
-    ratio = (f" ({report['method_s'] / report['forward_s']:.2f}x the forward time)"
-             if report["forward_s"] > 0 else "")
+    ratio = f" ({report['method_s'] / report['forward_s']:.2f}x the forward time)" if report["forward_s"] > 0 else ""
     print(f"{cfg.method} {sparsity_str(sparsity)}: {report['total_s']:.1f}s total, block forwards "
           f"{report['forward_s']:.1f}s{work}{ratio}; peak memory {results['peak_memory_gb']:.2f} GB "
           f"({'GPU allocated' if device.type == 'cuda' else 'process RSS'})", flush=True)
-    if cfg.eval:
-        results["ppl"] = ppl()
-        print(f"{cfg.method} {sparsity_str(sparsity)} ppl {results['ppl']:.3f} ({protocol})", flush=True)
+    if ppl is not None:
+        results["ppl"] = ppl(model)
+        print(f"{cfg.method} {sparsity_str(sparsity)} ppl {results['ppl']:.3f} ({ppl.describe()})", flush=True)
     if cfg.out:
         meta = {"pruning": dict(results, nsamples=cfg.nsamples, calib_len=cfg.calib_len, seed=cfg.seed,
-                                layers=cfg.layers, ckpt=cfg.ckpt, protocol=protocol)}
-        checkpoint.save(model, tokenizer, cfg.out, masks={k: v.cpu() for k, v in masks.items()}, meta=meta)
+                                layers=cfg.layers, ckpt=cfg.ckpt, protocol=ppl and ppl.describe())}
+        save(model, tokenizer, cfg.out, masks={k: v.cpu() for k, v in masks.items()}, meta=meta)
         print(f"saved {cfg.out}", flush=True)
     return results
 
 
 if __name__ == "__main__":
-    from model import cli_main
     cli_main(main)

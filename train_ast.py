@@ -1,18 +1,18 @@
 """
-AST, the Adaptive Sparse Trainer (Huang et al., AAAI 2025, arXiv 2407.20584; ../shared/docs/ast.md):
+AST, the Adaptive Sparse Trainer (Huang et al., AAAI 2025, arXiv 2407.20584):
 retrain a Llama into exact 2:4 sparsity on the seven projections of every block.
 
-    python train_ast.py                               # CPU demonstration on SmolLM2-135M (< 10 minutes)
+    python train_ast.py                               # CPU demonstration on SmolLM2-135M (about 4 minutes)
     python train_ast.py --ckpt smollm2-135m --max-steps 2000 --batch-size 16 --seq-len 1024 --lr 1e-4
     torchrun --nproc_per_node 8 train_ast.py --ckpt llama2-7b --fsdp --seq-len 4096 --batch-size 2 \
         --grad-accum 8 --max-steps 15000 --lr 2e-5 --warmup-steps 500 --alpha 0.33 --decay-max 6e-5 \
-        --decay-warmup 3000 --activation-checkpointing        # the paper's LLaMA2-7B recipe
+        --decay-warmup 3000 --activation-checkpointing --ppl-seq-len 4096   # the paper's LLaMA2-7B recipe
 
-The method, one line each (ast.md §1-6):
+The method, one line each (the paper's §3, Method):
 - masks: bool, 2 of every 4 consecutive inputs kept per output row, by |W| (or --init-mask from a
   Wanda/SparseGPT checkpoint of sparsity.py);
 - forward with W ⊙ M, backward straight through to the dense W (STE), so pruned weights can come back;
-- masks recomputed from |W| every --mask-interval steps; the flip rate is logged;
+- masks recomputed from |W| every --mask-interval steps (0: a fixed mask); the flip rate is logged;
 - annealed decay λ(t) = λ_max · min(t / T0, 1) pulls the pruned weights toward zero (ARS-STE);
 - loss α·T²·KL(teacher ‖ student) + (1 − α)·CE against the frozen dense model;
 - optional SLoRB branches y += S (X x) (--slorb-k 16).
@@ -20,11 +20,11 @@ The result goes to <out>/final/ with exact 2:4 zeros (our format + Hugging Face 
 """
 from __future__ import annotations
 
-import copy
 import functools
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -32,11 +32,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
+import checkpoint
+import data
 import training
-from model import Transformer, UserError, cli_main
-from sparsity import check_nm, nm_mask, prunable_linears
-from training import (JsonlLog, Progress, TokenBatches, TrainArgs, autocast, autocast_dtype, check_finite,
-                      load_state, lr_at, parse_config, rng_state, save_state, set_rng_state, setup_distributed)
+from cli import DTYPES, Progress, UserError, autocast, cli_main, parse_config
+from eval import WikiText2
+from model import Transformer
+from sparsity import check_mask, check_nm, nm_mask, prunable_linears
+from training import TrainArgs, check_finite
 
 
 @dataclass
@@ -50,21 +53,22 @@ class ASTArgs(TrainArgs):
     warmup_steps: int = 3
     ckpt_interval: int = 15
     eval_interval: int = 15
-    eval_windows: int = 8
+    ppl_windows: int = 8
+    ppl_seq_len: int = 128
     log_interval: int = 5
-    init_mask: str | None = None  # a sparsity.py checkpoint dir whose masks start the run; default |W|
-    mask_interval: int = 10  # optimizer steps between mask updates (Δt)
+    init_mask: str | None = None  # a sparsity.py checkpoint dir whose 2:4 masks start the run; default |W|
+    mask_interval: int = 10  # optimizer steps between mask updates (Δt); 0: a fixed mask
     decay_max: float = 1e-4  # λ_max of the annealed decay on pruned weights; 0 disables
     decay_warmup: int | None = None  # T0, steps until λ reaches λ_max; default max_steps // 4
-    decay_form: str = "adamw"  # "adamw": the paper's form; "grad": added to the gradient (official LLaMA code)
+    decay_form: Literal["adamw", "grad"] = "adamw"  # adamw: the paper's form; grad: added to the gradient (official LLaMA code)
     alpha: float = 0.67  # distillation weight: α·T²·KL + (1 − α)·CE; 0 = no teacher
-    temperature: float = 2.0
-    kl: str = "forward"  # "forward": KL(teacher ‖ student); "reverse": KL(student ‖ teacher)
+    temperature: float = 2.0  # distillation temperature T
+    kl: Literal["forward", "reverse"] = "forward"  # forward: KL(teacher ‖ student); reverse: KL(student ‖ teacher)
     slorb_k: int = 0  # SLoRB group size (the paper: 16); 0 = no SLoRB
-    teacher_dtype: str = "auto"  # bfloat16 on GPU, the training dtype on CPU
+    teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # teacher weights; auto: bfloat16 on GPU, the compute dtype on CPU
     activation_checkpointing: bool = False  # recompute each block in the backward: less memory, ~30% more time
     fsdp: bool = False  # shard weights, grads and optimizer over the torchrun processes (fully_shard)
-    beta2: float = 0.95
+    beta2: float = 0.95  # Adam β2
 
 
 # -----------------------------------------------------------------------------
@@ -93,7 +97,7 @@ class SparseLinear(nn.Linear):
 
 
 def slorb_init(weight, mask, k):
-    """SLoRB (ast.md §6): X sums each group of k inputs; S[i, j] is the mean of the pruned weights of row i
+    """SLoRB (the paper's SLoRB): X sums each group of k inputs; S[i, j] is the mean of the pruned weights of row i
     in group j, so each group's total weight is unchanged right after pruning. Returns (X, S)."""
     out_dim, in_dim = weight.shape
     if in_dim % k:
@@ -130,7 +134,7 @@ def local_rows(mask: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def update_masks(layers: dict, init_masks: dict) -> tuple[float, float]:
-    """Recompute every mask from |W| (ast.md §3). Returns the flip rates vs the previous and the initial masks."""
+    """Recompute every mask from |W| (the paper's adaptive masks, every Δt steps). Returns the flip rates vs the previous and the initial masks."""
     flipped = flipped_init = total = 0
     for name, layer in layers.items():
         mask = nm_mask(full(layer.weight).abs().float(), 2, 4, name=name)
@@ -147,7 +151,7 @@ def update_masks(layers: dict, init_masks: dict) -> tuple[float, float]:
 
 class ARSAdamW(torch.optim.Optimizer):
     """AdamW whose masked parameters also get the decay λ(t)·(¬M ⊙ W), λ set per step in group["mask_decay"]
-    (ast.md §4).
+    (the paper's ARS-STE).
 
     form "adamw" (the paper's, and the official GPT-2 optimizer's, for every masked parameter):
         m = β1 m + (1−β1) g,   u = m + λ¬M⊙W,   v = β2 v + (1−β2) u²,
@@ -202,7 +206,7 @@ def decay_at(step: int, args) -> float:
 
 
 def ast_loss(logits, targets, teacher_logits, alpha, temperature, kl="forward"):
-    """α·T²·KL + (1 − α)·CE (ast.md §5); KL summed over the vocabulary, averaged over tokens.
+    """α·T²·KL + (1 − α)·CE (the paper's distillation loss); KL summed over the vocabulary, averaged over tokens.
     Returns (loss, ce, kl or None)."""
     ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
     if teacher_logits is None:
@@ -222,7 +226,7 @@ def train_step(student, teacher, optimizer, batches, step, args, device, dtype, 
     """One optimizer step: grad_accum micro-batches, clipping, λ(t) and lr for this step.
     Returns the loss parts (averaged over micro-batches and ranks) as floats."""
     for group in optimizer.param_groups:
-        group["lr"], group["mask_decay"] = lr_at(step, args), decay_at(step, args)
+        group["lr"], group["mask_decay"] = training.lr_at(step, args), decay_at(step, args)
     parts = torch.zeros(3, device=device)
     for micro in range(args.grad_accum):
         x, y = (t.to(device) for t in batches.next())
@@ -250,12 +254,58 @@ def train_step(student, teacher, optimizer, batches, step, args, device, dtype, 
 
 
 # -----------------------------------------------------------------------------
-# export
+# the run: models, masks, state, export
+
+
+def load_models(args, device, dtype):
+    """(student, teacher or None, tokenizer). The teacher is the frozen dense model, bf16 on GPU, no grads."""
+    student, tokenizer = checkpoint.load(args.ckpt, device="cpu" if args.fsdp else device)
+    teacher = None
+    if args.alpha > 0:
+        t_dtype = DTYPES[args.teacher_dtype] if args.teacher_dtype != "auto" else (
+            torch.bfloat16 if device.type == "cuda" else dtype)
+        teacher, _ = checkpoint.load(args.ckpt, device="cpu" if args.fsdp else device, dtype=t_dtype, tokenizer=False)
+        teacher.eval().requires_grad_(False)
+    return student, teacher, tokenizer
+
+
+def initial_masks(args, student) -> dict:
+    """--init-mask's 2:4 masks (a sparsity.py checkpoint), else magnitude 2:4 of the dense weights."""
+    linears = prunable_linears(student)
+    if not args.init_mask:
+        return {name: nm_mask(lin.weight.detach().abs().float(), 2, 4, name=name) for name, lin in linears.items()}
+    masks = checkpoint.load_masks(args.init_mask)
+    if not masks or set(masks) != set(linears):
+        raise UserError(f"--init-mask {args.init_mask}: needs masks for all {len(linears)} projections "
+                        f"(a sparsity.py checkpoint with --sparsity 2:4)")
+    if not all(check_mask(m, (2, 4)) for m in masks.values()):
+        raise UserError(f"--init-mask {args.init_mask}: masks are not 2:4 (prune with --sparsity 2:4)")
+    return masks
+
+
+def restore(resumed, student, layers, init_masks, batches) -> int:
+    """Weights, masks and data position from a state.pt (the optimizer and RNG follow once they exist)."""
+    student.load_state_dict(resumed["model"])
+    for name, layer in layers.items():
+        layer.mask.copy_(resumed["masks"][name])
+        init_masks[name] = resumed["init_masks"][name]
+    batches.load_state_dict(resumed["batches"])
+    return resumed["step"]
+
+
+def save_checkpoint(student, optimizer, layers, init_masks, batches, step, args, master, **extra):
+    """Everything a resume needs, written atomically by rank 0: weights, masks, optimizer, data, RNG."""
+    model_state = training.model_state(student, args.fsdp)
+    optim_state = training.optimizer_state(student, optimizer, args.fsdp)
+    if master:
+        training.save_state(Path(args.out) / "state.pt", {
+            "step": step, "model": model_state, "optimizer": optim_state,
+            "masks": {n: l.mask.cpu() for n, l in layers.items()}, "init_masks": {n: m.cpu() for n, m in init_masks.items()},
+            "batches": batches.state_dict(), "rng": training.rng_state(), **extra})
 
 
 def export(student_state: dict, model_args, masks: dict, tokenizer, out_dir, slorb_k, dtype, meta, hf=True):
     """Bake W ⊙ M (exact zeros) into a plain Transformer and save it in our format (+ HF layout)."""
-    import checkpoint
     final = Transformer(replace(model_args, slorb_k=slorb_k) if slorb_k else model_args)
     state = dict(student_state)
     for name, mask in masks.items():
@@ -272,183 +322,111 @@ def export(student_state: dict, model_args, masks: dict, tokenizer, out_dir, slo
     return final
 
 
+def finish(model_state, model_args, layers, tokenizer, wikitext, args, dtype, results, tokens_per_step):
+    """Rank 0: the export (exact 2:4 zeros, our format + HF layout), the plot and the numbers."""
+    out = Path(args.out)
+    meta = {"method": "ast", "sparsity": "2:4", "steps": args.max_steps, "tokens": tokens_per_step * args.max_steps,
+            **results, "args": asdict(args)}
+    export(model_state, model_args, {name: layer.mask.cpu() for name, layer in layers.items()}, tokenizer,
+           out / "final", args.slorb_k, dtype, meta)
+    training.plot_log(out / "log.jsonl", out / "log.png", ["loss", "ce", "kl", "ppl", "flip_prev", "flip_init", "lam"],
+                      refs={"ppl": {"dense": results["dense_ppl"], "one-shot 2:4": results["oneshot_ppl"]}})
+    print(f"saved {out / 'final'} (our format{'' if args.slorb_k else ' + hf/'}), log {out / 'log.jsonl'}, "
+          f"plot {out / 'log.png'}")
+    if wikitext is not None:
+        f = lambda x: x and f"{x:.2f}"  # noqa: E731
+        print(f"{wikitext.describe()}: dense {f(results['dense_ppl'])} | one-shot 2:4 {f(results['oneshot_ppl'])} | "
+              f"AST {args.max_steps} steps {f(results['ast_ppl'])}")
+
+
 # -----------------------------------------------------------------------------
 # main
 
 
 def main(argv=None):
     args = parse_config(ASTArgs, argv)
-    for flag, value, allowed in (("--kl", args.kl, ("forward", "reverse")),
-                                 ("--decay-form", args.decay_form, ("adamw", "grad"))):
-        if value not in allowed:
-            raise UserError(f"{flag} {value!r}: use one of {', '.join(allowed)}")
-    rank, world_size, local_rank, device = setup_distributed(args.device)
-    master = rank == 0
+    rank, world_size, _, device = training.setup_distributed(args.device)
+    master, out = rank == 0, Path(args.out)
     say = print if master else (lambda *a, **k: None)
-    dtype = autocast_dtype(args.dtype, device)
-    out = Path(args.out)
-    state_path = out / "state.pt"
+    resumed = training.open_run(args, rank)
+    if resumed is not None and resumed["step"] >= args.max_steps:
+        return training.teardown()
     torch.manual_seed(args.seed)
+    dtype = training.autocast_dtype(args.autocast, device)
 
-    import data
-    from eval import perplexity
-    from model import load
-    from checkpoint import load_masks
-
-    student, tokenizer = load(args.ckpt, device="cpu" if args.fsdp else device)
-    teacher = None
-    if args.alpha > 0:  # the frozen dense model, bf16 on GPU, no grads
-        t_dtype = autocast_dtype(args.teacher_dtype, device) if args.teacher_dtype != "auto" else (
-            torch.bfloat16 if device.type == "cuda" else dtype)
-        teacher = copy.deepcopy(student).to(t_dtype).eval().requires_grad_(False)
-
-    # masks: from --init-mask, else magnitude 2:4 of the dense weights
-    linears = prunable_linears(student)
-    if args.init_mask:
-        masks = load_masks(args.init_mask)
-        if not masks or set(masks) != set(linears):
-            raise UserError(f"--init-mask {args.init_mask}: needs masks for all {len(linears)} projections "
-                            f"(a sparsity.py checkpoint with --sparsity 2:4)")
-        masks = {name: m.to(torch.bool) for name, m in masks.items()}
-        if not all(m.reshape(-1, 4).sum(-1).eq(2).all() for m in masks.values()):
-            raise UserError(f"--init-mask {args.init_mask}: masks are not 2:4 (prune with --sparsity 2:4)")
-    else:
-        masks = {name: nm_mask(lin.weight.detach().abs().float(), 2, 4, name=name) for name, lin in linears.items()}
+    student, teacher, tokenizer = load_models(args, device, dtype)
+    masks = initial_masks(args, student)
     init_masks = {name: m.cpu().clone() for name, m in masks.items()}  # on CPU: only for the flip rate
     layers = sparsify(student, masks, args.slorb_k)
-    model_args = student.args
-
-    # text -> token windows; WikiText-2 for the perplexity
     data_dir = data.resolve_data_dir(args.data_dir)
-    ids = data.tokenize_corpus(data.default_text_files(data_dir), tokenizer, cache_dir="cache")
-    batches = TokenBatches(ids, args.seq_len, args.batch_size, args.seed, rank, world_size)
-    wikitext = data.wikitext2_text(data_dir, "test")
-
-    def ppl(model):
-        with torch.no_grad(), autocast(dtype, device):
-            return perplexity(model, tokenizer, wikitext, args.seq_len, limit=args.eval_windows or None)
-
-    # resume: weights, masks, optimizer, schedule position, data position, RNG
-    start_step, resumed = 0, None
-    if args.resume:
-        if not state_path.exists():
-            raise UserError(f"--resume: no {state_path}; start without --resume or point --out at the run")
-        resumed = load_state(state_path)
-        student.load_state_dict(resumed["model"])
-        for name, layer in layers.items():
-            layer.mask.copy_(resumed["masks"][name])
-            init_masks[name] = resumed["init_masks"][name]
-        batches.load_state_dict(resumed["batches"])
-        start_step = resumed["step"]
-        say(f"resumed from {state_path} at step {start_step}")
+    batches = data.training_batches("text", data_dir, tokenizer, args.seq_len, args.batch_size, args.seed,
+                                    rank, world_size)
+    wikitext = WikiText2(tokenizer, data_dir, args.ppl_seq_len, args.ppl_windows) if args.eval else None
+    start_step = restore(resumed, student, layers, init_masks, batches) if resumed is not None else 0
 
     if args.activation_checkpointing:
         for block in student.layers:
             block.forward = functools.partial(activation_checkpoint, block.forward, use_reentrant=False)
-    if args.fsdp:  # shard each block, then the rest; the teacher too (it is as big as the student)
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-        mesh = init_device_mesh(device.type, (world_size,))
-        for model in (student, teacher) if teacher is not None else (student,):
-            for block in model.layers:
-                fully_shard(block, mesh=mesh)  # moves this rank's shard to the device
-            fully_shard(model, mesh=mesh)
-    else:
-        student.to(device)
+    train_model = training.wrap(student, device, world_size, fsdp=args.fsdp, compile=args.compile)
+    if args.fsdp and teacher is not None:  # the teacher is as big as the student
+        training.fsdp_shard(teacher, device, world_size)
     masks_by_param = {layer.weight: layer.mask for layer in layers.values()}
     optimizer = ARSAdamW(student.parameters(), masks_by_param, lr=args.lr, betas=(0.9, args.beta2),
                          weight_decay=args.weight_decay, form=args.decay_form)
     if resumed is not None:
         optimizer.load_state_dict(resumed["optimizer"])
-        set_rng_state(resumed["rng"])
-    train_model = student
-    if world_size > 1 and not args.fsdp:
-        from torch.nn.parallel import DistributedDataParallel
-        train_model = DistributedDataParallel(student, device_ids=[local_rank] if device.type == "cuda" else None,
-                                              broadcast_buffers=False)  # masks are computed identically on every rank
-    if args.compile:
-        train_model.compile()
+        training.set_rng_state(resumed["rng"])
 
-    log = JsonlLog(out / "log.jsonl")
-    if resumed is None and args.eval_interval >= 0:
-        dense_ppl = ppl(teacher) if teacher is not None else None
-        oneshot_ppl = ppl(student)
-        say(f"WikiText-2 ppl (seq {args.seq_len}, {args.eval_windows or 'all'} windows): "
-            f"dense {dense_ppl and f'{dense_ppl:.2f}'} | one-shot 2:4 {oneshot_ppl:.2f}")
+    def ppl(model):
+        return wikitext(model, dtype) if wikitext is not None else None
+
+    log = training.JsonlLog(out / "log.jsonl")
+    if resumed is None:  # the two reference lines: the dense teacher and the one-shot 2:4 start
+        dense_ppl, oneshot_ppl = ppl(teacher) if teacher is not None else None, ppl(student)
+        if wikitext is not None:
+            say(f"{wikitext.describe()}: dense {dense_ppl and f'{dense_ppl:.2f}'} | one-shot 2:4 {oneshot_ppl:.2f}")
         if master:
             log.log({"step": 0, "ppl": oneshot_ppl, "dense_ppl": dense_ppl, "flip_prev": 0.0, "flip_init": 0.0})
     else:
-        dense_ppl, oneshot_ppl = (resumed or {}).get("dense_ppl"), (resumed or {}).get("oneshot_ppl")
+        dense_ppl, oneshot_ppl = resumed.get("dense_ppl"), resumed.get("oneshot_ppl")
 
     tokens_per_step = args.batch_size * args.grad_accum * args.seq_len * world_size
     say(f"AST: {len(layers)} sparse layers, {tokens_per_step} tokens/step, {args.max_steps} steps, "
         f"{device.type} {str(dtype).removeprefix('torch.')}, alpha {args.alpha}, decay {args.decay_form} "
         f"λ_max {args.decay_max}, slorb_k {args.slorb_k}, {world_size} process(es){' FSDP' if args.fsdp else ''}")
-    progress = Progress(args.max_steps, start_step)
-    last_ckpt = str(state_path) if resumed is not None else None
-    flips = (0.0, 0.0)
-    last_ppl = None
-    for step in range(start_step, args.max_steps):
-        parts = train_step(train_model, teacher, optimizer, batches, step, args, device, dtype, world_size, last_ckpt)
-        done = step + 1
-        if done % args.mask_interval == 0:
-            flips = update_masks(layers, init_masks)
-        record = {"step": done, **parts, "lr": lr_at(step, args), "lam": decay_at(step, args),
-                  "flip_prev": flips[0], "flip_init": flips[1]}
-        if args.eval_interval >= 0 and (args.eval_interval and done % args.eval_interval == 0 or done == args.max_steps):
-            record["ppl"] = last_ppl = ppl(student)
-        if master:
-            log.log(record)
-        if done % args.log_interval == 0 or done == args.max_steps or done == start_step + 1:
-            say(progress.line(done, tokens_per_step * (done - max(start_step, done - args.log_interval)),
-                              record["lr"], **parts, lam=record["lam"], flip=flips[0], flip_init=flips[1],
-                              ppl=record.get("ppl")))
-        if args.ckpt_interval and done % args.ckpt_interval == 0 or done == args.max_steps:
-            save_checkpoint(student, optimizer, layers, init_masks, batches, done, args, state_path, master,
-                            dense_ppl=dense_ppl, oneshot_ppl=oneshot_ppl)
-            last_ckpt = str(state_path)
+    progress = Progress("step", args.max_steps, start=start_step)
+    last_ckpt = str(out / "state.pt") if resumed is not None else None
+    flips, last_ppl = (resumed or {}).get("flips", (0.0, 0.0)), (resumed or {}).get("last_ppl")
+    with training.StopRequest() as stop:
+        for step in range(start_step, args.max_steps):
+            parts = train_step(train_model, teacher, optimizer, batches, step, args, device, dtype, world_size, last_ckpt)
+            done = step + 1
+            record = {"step": done, **parts, "lr": training.lr_at(step, args), "lam": decay_at(step, args)}
+            if args.mask_interval and done % args.mask_interval == 0:  # flip rates exist only at mask updates
+                flips = update_masks(layers, init_masks)
+                record.update(flip_prev=flips[0], flip_init=flips[1])
+            if wikitext is not None and (args.eval_interval and done % args.eval_interval == 0 or done == args.max_steps):
+                record["ppl"] = last_ppl = ppl(student)
+            if master:
+                log.log(record)
+            if done % args.log_interval == 0 or done == args.max_steps or done == start_step + 1:
+                say(progress.line(done, tokens_per_step * (done - max(start_step, done - args.log_interval)),
+                                  **parts, lr=record["lr"], lam=record["lam"], flip=flips[0], flip_init=flips[1],
+                                  ppl=record.get("ppl")))
+            stopping = stop.requested(device)
+            if args.ckpt_interval and done % args.ckpt_interval == 0 or done == args.max_steps or stopping:
+                save_checkpoint(student, optimizer, layers, init_masks, batches, done, args, master,
+                                dense_ppl=dense_ppl, oneshot_ppl=oneshot_ppl, flips=flips, last_ppl=last_ppl)
+                last_ckpt = str(out / "state.pt")
+            if stopping and done < args.max_steps:
+                stop.stop(done, args)
 
-    # export: exact 2:4 zeros, our format + HF layout, and the numbers
-    model_state = gathered_model_state(student, args)
-    final_masks = {name: layer.mask.cpu() for name, layer in layers.items()}
+    model_state = training.model_state(student, args.fsdp)  # FSDP: a collective, every rank takes part
+    results = {"dense_ppl": dense_ppl, "oneshot_ppl": oneshot_ppl, "ast_ppl": last_ppl}
     if master:
-        meta = {"method": "ast", "sparsity": "2:4", "steps": args.max_steps, "tokens": tokens_per_step * args.max_steps,
-                "dense_ppl": dense_ppl, "oneshot_ppl": oneshot_ppl, "ast_ppl": last_ppl, "args": asdict(args)}
-        export(model_state, model_args, final_masks, tokenizer, out / "final", args.slorb_k,
-               dtype, meta)
-        training.plot_log(out / "log.jsonl", out / "log.png", ["loss", "ce", "kl", "ppl", "flip_prev", "flip_init", "lam"])
-        say(f"saved {out / 'final'} (our format{'' if args.slorb_k else ' + hf/'}), log {out / 'log.jsonl'}, plot {out / 'log.png'}")
-        say(f"WikiText-2 ppl (seq {args.seq_len}, {args.eval_windows or 'all'} windows): dense "
-            f"{dense_ppl and f'{dense_ppl:.2f}'} | one-shot 2:4 {oneshot_ppl and f'{oneshot_ppl:.2f}'} | "
-            f"AST {args.max_steps} steps {last_ppl and f'{last_ppl:.2f}'}")
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    return {"dense_ppl": dense_ppl, "oneshot_ppl": oneshot_ppl, "ast_ppl": last_ppl}
-
-
-def gathered_model_state(student, args) -> dict:
-    """The whole model's state dict on CPU (FSDP: gathered from all ranks; every rank must call this)."""
-    if args.fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        return get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k: v.detach().cpu() for k, v in student.state_dict().items()}
-
-
-def save_checkpoint(student, optimizer, layers, init_masks, batches, step, args, path, master, **extra):
-    """Everything a resume needs, written atomically by rank 0: weights, masks, optimizer, data, RNG."""
-    model_state = gathered_model_state(student, args)
-    if args.fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-        optim_state = get_optimizer_state_dict(student, optimizer,
-                                               options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    else:
-        optim_state = optimizer.state_dict()
-    if master:
-        save_state(path, {"step": step, "model": model_state, "optimizer": optim_state,
-                          "masks": {n: l.mask.cpu() for n, l in layers.items()},
-                          "init_masks": {n: m.cpu() for n, m in init_masks.items()},
-                          "batches": batches.state_dict(), "rng": rng_state(), **extra})
+        finish(model_state, student.args, layers, tokenizer, wikitext, args, dtype, results, tokens_per_step)
+    training.teardown()
+    return results
 
 
 if __name__ == "__main__":

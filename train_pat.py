@@ -1,18 +1,20 @@
 """
-Pruning-Aware Tuning (PAT, arXiv 2408.14721): fine-tune a Llama with LoRA while one trainable mask,
-shared by Hybrid Sparsification Modules (HSMs) on every write into the residual stream, learns which
-hidden channels to drop; then merge everything into a plain, narrower Llama (dim d -> d').
+Pruning-Aware Tuning (PAT, Liu et al., AAAI 2025, arXiv 2408.14721): fine-tune a Llama with LoRA while one
+trainable mask, shared by Hybrid Sparsification Modules (HSMs) on every write into the residual stream,
+learns which hidden channels to drop; then merge everything into a plain, narrower Llama (dim d -> d').
 
     python train_pat.py                                    # CPU demo on SmolLM2-135M (a few minutes)
     python train_pat.py --ckpt llama2-7b --ratio 0.25 --max-steps 30000 --batch-size 8 --grad-accum 16 \
-        --seq-len 256 --lr 5e-5 --eval-windows 0           # the paper's recipe (LaMini, 3 epochs)
+        --seq-len 256 --lr 5e-5 --ppl-windows 0            # the paper's recipe (LaMini, 3 epochs)
     torchrun --nproc_per_node 8 train_pat.py --ckpt llama2-7b ...
 
 The model is never edited: LoRA and the HSMs are forward hooks on the frozen projections, so the model
-starts exactly at the pretrained function (L1 = 0). At the milestone s0 the soft mask becomes a hard
-top-N mask; after training, `merge` folds LoRA, the HSM operators and their scales into the weights,
-deletes the masked channels from every writer and reader of the residual stream, and the result is
-saved to <out>/final/ as an ordinary checkpoint (model.load, eval.py, checkpoint.export_hf read it).
+starts exactly at the pretrained function (L1 = 0). The paper's pieces: the HSM y -> s (I + L1 diag(v) L0) y
+times the shared mask; the soft gate sigmoid(tau(s) w) + beta(s) with its count loss; the Identity Loss
+||L0 L0^T - I|| + ||L1^T L1 - I||. At the milestone s0 the soft mask becomes a hard top-N mask; after
+training, `merge` folds LoRA, the HSM operators and their scales into the weights, deletes the masked
+channels from every writer and reader of the residual stream, and the result is saved to <out>/final/
+as an ordinary checkpoint (checkpoint.load, eval.py, checkpoint.export_hf read it).
 """
 from __future__ import annotations
 
@@ -26,18 +28,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpoint
+import data
 import training
+from cli import Progress, UserError, autocast, cli_main, parse_config
+from eval import WikiText2
+from model import PROJECTIONS, ModelArgs, Transformer
 from training import TrainArgs
 
 READERS = ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3")
 WRITERS = ("attention.wo", "feed_forward.w2")
-PROJECTIONS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
-               "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
-ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately "
-                 "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
-ALPACA_PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that provides "
-                       "further context. Write a response that appropriately completes the request.\n\n"
-                       "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
 
 
 @dataclass
@@ -52,7 +52,8 @@ class PATArgs(TrainArgs):
     warmup_steps: int = 2
     ckpt_interval: int = 0
     eval_interval: int = 0
-    eval_windows: int = 4  # WikiText-2 windows for every eval; 0: the whole test set
+    ppl_windows: int = 4
+    ppl_seq_len: int = 512
     log_interval: int = 1
     data: str = "instruct/lamini-10k.jsonl"  # instruction JSONL (under --data-dir unless a path), "text", or text files a,b
     ratio: float = 0.25  # fraction of the hidden dimension to remove; 0: plain LoRA fine-tuning
@@ -64,9 +65,8 @@ class PATArgs(TrainArgs):
     identity_weight: float = 1.0  # lambda_id: Identity Loss, averaged over all HSMs
     hsm_rank: int = 8  # r of each HSM (paper: 200 for d = 4096)
     lora_rank: int = 8  # LoRA on all seven projections (paper: 20)
-    lora_alpha: float = 16.0
+    lora_alpha: float = 16.0  # LoRA scale alpha (the update is alpha / r * B A)
     keep_tied: bool = True  # tied embeddings: mask-only embedding HSM so the merged model stays tied
-    eval_seq_len: int = 512  # WikiText-2 window length
 
 
 def target_width(dim: int, ratio: float, multiple: int) -> int:
@@ -76,7 +76,7 @@ def target_width(dim: int, ratio: float, multiple: int) -> int:
 
 
 def mask_schedule(step: int, milestone: int) -> tuple[float, float]:
-    """(tau, beta) of the soft gate sigmoid(tau * w) + beta before the milestone s0 (pat.md)."""
+    """(tau, beta) of the soft gate sigmoid(tau * w) + beta before the milestone s0 (the paper's trainable mask)."""
     tau = 1.0 / (1.0 - math.log(max(1, step)) / math.log(max(2, milestone)))
     beta = max(0.5 - step / milestone, 0.0)
     return tau, beta
@@ -246,7 +246,6 @@ class PAT(nn.Module):
         missing, unexpected = self.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("model.")]
         if missing or unexpected:
-            from model import UserError
             raise UserError(f"the state does not match this PAT configuration (missing {missing[:3]}, "
                             f"unexpected {unexpected[:3]}); resume with the same flags as the run that wrote it")
 
@@ -259,7 +258,6 @@ def merge(pat: PAT):
     readers (wq, wk, wv, w1, w3, output) lose the masked input columns; RMSNorm gains are multiplied by
     sqrt(d/d') and eps by d/d', because the RMS over d channels of which d - d' are zero is
     sqrt(d'/d) * sqrt(mean over the d' + eps * d/d'): the merged model equals the masked one exactly."""
-    from model import ModelArgs, Transformer, UserError
     model, args = pat.model, pat.model.args
     tied = model.output.weight is model.tok_embeddings.weight
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -310,133 +308,16 @@ def _module_name(key: str) -> str:
     return f"layers.{i}.{group}.{proj}"
 
 
-# ----------------------------------------------------------------------------- data
-
-def alpaca_example(record, tokenizer, seq_len):
-    """(tokens, targets) of one instruction record: Alpaca template, loss on the response tokens only."""
-    template = ALPACA_PROMPT_INPUT if record.get("input") else ALPACA_PROMPT
-    prompt = tokenizer.encode(template.format(instruction=record["instruction"], input=record.get("input", "")))
-    response = tokenizer.encode(record["output"], bos=False, eos=True)
-    ids = (prompt + response)[:seq_len + 1]
-    targets = ([-100] * len(prompt) + response)[1:seq_len + 1]  # -100: no loss on the prompt
-    return ids[:-1], targets
-
-
-class InstructBatches:
-    """Shuffled instruction records, padded on the right; epochs reshuffle with seed + epoch; resumes exactly.
-
-    Like training.TokenBatches, every rank walks the same global order and keeps its own slice."""
-
-    def __init__(self, records, tokenizer, seq_len, batch_size, seed, rank=0, world_size=1):
-        self.records, self.tokenizer, self.seq_len = records, tokenizer, seq_len
-        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        self.epoch, self.pos = 0, 0
-        self._order = None
-
-    def _permutation(self):
-        if self._order is None:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            self._order = torch.randperm(len(self.records), generator=g).tolist()
-        return self._order
-
-    def next(self):
-        n = self.batch_size * self.world_size
-        if self.pos + n > len(self.records):  # drop the ragged tail of an epoch
-            self.epoch, self.pos, self._order = self.epoch + 1, 0, None
-        order = self._permutation()[self.pos:self.pos + n]
-        self.pos += n
-        mine = order[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-        rows = [alpaca_example(self.records[i], self.tokenizer, self.seq_len) for i in mine]
-        width = max(len(ids) for ids, _ in rows)
-        x = torch.full((len(rows), width), self.tokenizer.eos_id, dtype=torch.long)
-        y = torch.full((len(rows), width), -100, dtype=torch.long)
-        for r, (ids, targets) in enumerate(rows):
-            x[r, :len(ids)], y[r, :len(targets)] = torch.tensor(ids), torch.tensor(targets)
-        return x, y
-
-    def state_dict(self):
-        return {"epoch": self.epoch, "pos": self.pos}
-
-    def load_state_dict(self, state):
-        self.epoch, self.pos, self._order = state["epoch"], state["pos"], None
-
-
-def read_instructions(path):
-    from model import UserError
-    records = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                r = json.loads(line)
-                if "instruction" not in r or "output" not in r:
-                    raise UserError(f"{path}:{n}: an instruction record needs 'instruction' and 'output' fields")
-                records.append(r)
-    if not records:
-        raise UserError(f"{path} holds no records")
-    return records
-
-
-def training_batches(args, tokenizer, rank, world_size):
-    """--data: an instruction JSONL (Alpaca template, response-only loss), `text` (the shared text corpus)
-    or comma-separated text files (.jsonl with "text" or plain), both with the plain LM loss."""
-    import data
-    from model import UserError
-    data_dir = data.resolve_data_dir(args.data_dir)
-    if args.data == "text":
-        paths = data.default_text_files(data_dir)
-    else:
-        paths = [Path(p) if Path(p).exists() else data_dir / p for p in args.data.split(",")]
-        for p in paths:
-            if not p.exists():
-                raise UserError(f"--data {p} not found; pass an existing file (or --data text)")
-        if len(paths) == 1 and paths[0].suffix == ".jsonl":
-            first = json.loads(open(paths[0]).readline() or "{}")
-            if "instruction" in first:
-                records = read_instructions(paths[0])
-                return InstructBatches(records, tokenizer, args.seq_len, args.batch_size, args.seed, rank, world_size)
-    ids = data.tokenize_corpus(paths, tokenizer)
-    return training.TokenBatches(ids, args.seq_len, args.batch_size, args.seed, rank, world_size)
-
-
 # ----------------------------------------------------------------------------- training
-
-def wikitext_ppl(model, tokenizer, args, text):
-    from eval import perplexity
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        ppl = perplexity(model, tokenizer, text, args.eval_seq_len, limit=args.eval_windows or None)
-    model.train(was_training)
-    return ppl
 
 
 def count_params(model) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())  # a tied table counts once
 
 
-def main(argv=None):
-    from model import UserError, load
-    import checkpoint
-    import data
-    args = training.parse_config(PATArgs, argv)
-    if not 0 <= args.ratio < 1:
-        raise UserError(f"--ratio {args.ratio} must be in [0, 1)")
-    milestone = args.milestone or max(1, args.max_steps // 3)
-    if args.ratio > 0 and milestone >= args.max_steps:
-        raise UserError(f"--milestone {milestone} must be below --max-steps {args.max_steps}: the mask must end hard")
-    rank, world_size, _, device = training.setup_distributed(args.device)
-    master = rank == 0
-    out = Path(args.out)
-    torch.manual_seed(args.seed + rank)
-    amp = training.autocast_dtype(args.dtype, device)
-
-    model, tokenizer = load(args.ckpt, device=device, dtype=torch.float32)
-    pat = PAT(model, args.ratio, args.width_multiple, milestone, args.hsm_rank, args.lora_rank,
-              args.lora_alpha, args.keep_tied)
-    batches = training_batches(args, tokenizer, rank, world_size)
-    wiki = data.wikitext2_text(data.resolve_data_dir(args.data_dir), "test")
-
-    # no weight decay on the mask logits and the scales: decay would pull them toward 0
+def make_optimizer(pat, args, device):
+    """AdamW over LoRA and HSMs (decay on matrices only) and the mask logits at --mask-lr, no decay: decay would
+    pull logits and scales toward 0. Returns (optimizer, trainable parameters)."""
     decay = [p for n, p in pat.named_parameters() if p.requires_grad and p.ndim == 2]
     flat = [p for n, p in pat.named_parameters() if p.requires_grad and p.ndim < 2 and n != "mask_logits"]
     groups = [{"params": decay, "weight_decay": args.weight_decay, "lr_scale": 1.0},
@@ -444,109 +325,138 @@ def main(argv=None):
     if pat.prunes:
         groups.append({"params": [pat.mask_logits], "weight_decay": 0.0, "lr_scale": args.mask_lr / args.lr})
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
-    trainable = [p for g in groups for p in g["params"]]
+    return optimizer, [p for g in groups for p in g["params"]]
 
-    step, state_path, last_ckpt = 0, out / "state.pt", None
-    log = training.JsonlLog(out / "log.jsonl")
-    if args.resume:
-        if not state_path.exists():
-            raise UserError(f"--resume: no {state_path}; run without --resume to start fresh")
-        state = training.load_state(state_path)
-        pat.load_trainable_state(state["pat"])
-        optimizer.load_state_dict(state["optimizer"])
-        batches.load_state_dict(state["data"])
-        training.set_rng_state(state["rng"])
-        step, last_ckpt = state["step"], state_path
-        if master:
-            print(f"resumed from {state_path} at step {step}")
-    elif master:
-        out.mkdir(parents=True, exist_ok=True)
-        log.path.unlink(missing_ok=True)
-        print(f"PAT on {args.ckpt}: dim {pat.dim} -> {pat.n_open} (ratio {args.ratio}), milestone {milestone}, "
-              f"{sum(p.numel() for p in trainable):,} trainable parameters "
-              f"({len(pat.lora)} LoRA, {len(pat.hsms)} HSMs), {count_params(model):,} in the model")
-        ppl = wikitext_ppl(model, tokenizer, args, wiki)
-        print(f"WikiText-2 perplexity before tuning: {ppl:.3f}")
-        log.log({"step": 0, "ppl": ppl})
 
-    net = pat
-    if world_size > 1:
-        net = torch.nn.parallel.DistributedDataParallel(pat, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        net = torch.compile(net)
-    progress = training.Progress(args.max_steps, step)
-    pat.train()
-    pat.set_step(step)
-    tokens_seen = 0
-    while step < args.max_steps:
-        lr = training.lr_at(step, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
-        task_sum = 0.0
-        for micro in range(args.grad_accum):
-            x, y = batches.next()
-            x, y = x.to(device), y.to(device)
-            tokens_seen += int((y != -100).sum()) * world_size
-            sync = micro == args.grad_accum - 1 or world_size == 1
-            ctx = nullcontext() if sync else net.no_sync()  # all-reduce once, on the last micro-batch
-            with ctx, training.autocast(amp, device):
-                logits = net(x)
-                task = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100)
-                loss = task
-                if pat.prunes:
-                    count_loss, polar = pat.mask_losses()
-                    identity = pat.identity_loss()
-                    loss = loss + args.count_weight * count_loss + args.polar_weight * polar \
-                        + args.identity_weight * identity
-                (loss / args.grad_accum).backward()
-            task_sum += task.item() / args.grad_accum
-        training.check_finite(loss.detach(), step, last_ckpt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip or float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        pat.set_step(step)
-
-        if master and (step % args.log_interval == 0 or step == args.max_steps):
-            record = {"step": step, "loss": loss.item(), "task": task_sum, "lr": lr, "grad_norm": float(grad_norm),
-                      "open": pat.n_open_now()}
+def train_step(net, pat, optimizer, trainable, batches, step, args, device, amp, world_size, last_ckpt):
+    """One optimizer step over grad_accum micro-batches. Returns (log record, target tokens seen by all ranks)."""
+    lr = training.lr_at(step, args)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]
+    task_sum, tokens = 0.0, 0
+    for micro in range(args.grad_accum):
+        x, y = (t.to(device) for t in batches.next())
+        tokens += int((y != -100).sum()) * world_size
+        sync = micro == args.grad_accum - 1 or world_size == 1
+        with (nullcontext() if sync else net.no_sync()), autocast(amp, device):  # all-reduce on the last micro-batch
+            logits = net(x)
+            task = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100)
+            loss = task
             if pat.prunes:
-                tau, _ = mask_schedule(step, milestone) if step < milestone else (float("inf"), 0.0)
-                record |= {"count_loss": count_loss.item(), "identity": identity.item(),
-                           "tau": tau if math.isfinite(tau) else None}
-            log.log(record)
-            print(progress.line(step, tokens_seen, lr, loss=record["loss"], task=task_sum, open=record["open"]),
-                  flush=True)
-            tokens_seen = 0
-        if master and args.eval_interval and step % args.eval_interval == 0 and step < args.max_steps:
-            ppl = wikitext_ppl(model, tokenizer, args, wiki)
-            log.log({"step": step, "ppl": ppl})
-            print(f"step {step}: WikiText-2 perplexity {ppl:.3f}")
-        if master and (step == args.max_steps or args.ckpt_interval and step % args.ckpt_interval == 0):
-            training.save_state(state_path, {"step": step, "pat": pat.trainable_state(),
-                                             "optimizer": optimizer.state_dict(), "data": batches.state_dict(),
-                                             "rng": training.rng_state(), "args": asdict(args)})
-            last_ckpt = state_path
+                count_loss, polar = pat.mask_losses()
+                identity = pat.identity_loss()
+                loss = loss + args.count_weight * count_loss + args.polar_weight * polar \
+                    + args.identity_weight * identity
+            (loss / args.grad_accum).backward()
+        task_sum += task.item() / args.grad_accum
+    training.check_finite(loss.detach(), step, last_ckpt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip or float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    pat.set_step(step + 1)
+    record = {"step": step + 1, "loss": loss.item(), "task": task_sum, "lr": lr, "grad_norm": float(grad_norm),
+              "open": pat.n_open_now()}
+    if pat.prunes:
+        tau = mask_schedule(step + 1, pat.milestone)[0] if step + 1 < pat.milestone else None
+        record |= {"count_loss": count_loss.item(), "identity": identity.item(), "tau": tau}
+    return record, tokens
 
-    if not master:
-        return
+
+def finish(pat, model, tokenizer, wikitext, args, step, log):
+    """Merge into the narrower Llama, print before/after perplexity and size, save <out>/final/ and the plot."""
+    out = Path(args.out)
     pat.eval()
-    ppl_tuned = wikitext_ppl(model, tokenizer, args, wiki)
-    print(f"WikiText-2 perplexity after tuning (unmerged{', hard mask' if pat.prunes else ''}): {ppl_tuned:.3f}")
+    ppl_tuned = wikitext(model) if wikitext else None
+    if wikitext:
+        print(f"WikiText-2 perplexity after tuning (unmerged{', hard mask' if pat.prunes else ''}): {ppl_tuned:.3f}")
     merged = merge(pat)
-    ppl_merged = wikitext_ppl(merged, tokenizer, args, wiki)
+    ppl_merged = wikitext(merged) if wikitext else None
     n_before, n_after = count_params(model), count_params(merged)
-    print(f"WikiText-2 perplexity after merge: {ppl_merged:.3f}  (dim {pat.dim} -> {merged.args.dim}; "
-          f"parameters {n_before:,} -> {n_after:,}, {100 * (1 - n_after / n_before):.1f}% fewer)")
+    print(f"WikiText-2 perplexity after merge: {ppl_merged and f'{ppl_merged:.3f}'}  (dim {pat.dim} -> "
+          f"{merged.args.dim}; parameters {n_before:,} -> {n_after:,}, {100 * (1 - n_after / n_before):.1f}% fewer)")
     log.log({"step": step, "ppl": ppl_tuned, "ppl_merged": ppl_merged})
     checkpoint.save(merged, tokenizer, out / "final",
                     meta={"method": "pat", "ratio": args.ratio, "source": args.ckpt, "steps": step,
-                          "ppl_wikitext2": ppl_merged, "eval_windows": args.eval_windows,
-                          "eval_seq_len": args.eval_seq_len})
-    training.plot_log(log.path, out / "log.png", ["loss", "task", "count_loss", "identity", "open", "tau", "ppl", "lr"])
+                          "ppl_wikitext2": ppl_merged, "ppl_windows": args.ppl_windows,
+                          "ppl_seq_len": args.ppl_seq_len})
+    first_ppl = next((json.loads(line).get("ppl") for line in open(log.path) if '"ppl"' in line), None)
+    training.plot_log(log.path, out / "log.png", ["loss", "task", "count_loss", "identity", "open", "tau", "ppl", "lr"],
+                      log_keys=("ppl", "tau"), refs={"ppl": {"before tuning": first_ppl, "merged": ppl_merged}},
+                      marks={f"milestone s0 = {pat.milestone}": pat.milestone} if pat.prunes else None)
     print(f"merged model: {out / 'final'} (python eval.py --ckpt {out / 'final'}); log: {log.path}, plot: {out / 'log.png'}")
 
 
+def main(argv=None):
+    args = parse_config(PATArgs, argv)
+    milestone = args.milestone or max(1, args.max_steps // 3)
+    if args.ratio > 0 and milestone >= args.max_steps:
+        raise UserError(f"--milestone {milestone} must be below --max-steps {args.max_steps}: the mask must end hard")
+    rank, world_size, _, device = training.setup_distributed(args.device)
+    master, out = rank == 0, Path(args.out)
+    resumed = training.open_run(args, rank)
+    if resumed is not None and resumed["step"] >= args.max_steps:
+        return training.teardown()
+    torch.manual_seed(args.seed)
+    amp = training.autocast_dtype(args.autocast, device)
+
+    model, tokenizer = checkpoint.load(args.ckpt, device=device, dtype=torch.float32)
+    pat = PAT(model, args.ratio, args.width_multiple, milestone, args.hsm_rank, args.lora_rank,
+              args.lora_alpha, args.keep_tied)
+    data_dir = data.resolve_data_dir(args.data_dir)
+    batches = data.training_batches(args.data, data_dir, tokenizer, args.seq_len, args.batch_size, args.seed,
+                                    rank, world_size)
+    wikitext = WikiText2(tokenizer, data_dir, args.ppl_seq_len, args.ppl_windows) if args.eval else None
+    optimizer, trainable = make_optimizer(pat, args, device)
+
+    step, last_ckpt, state_path = 0, None, out / "state.pt"
+    log = training.JsonlLog(out / "log.jsonl")
+    if resumed is not None:
+        pat.load_trainable_state(resumed["pat"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        batches.load_state_dict(resumed["data"])
+        training.set_rng_state(resumed["rng"])
+        step, last_ckpt = resumed["step"], state_path
+    elif master:
+        print(f"PAT on {args.ckpt}: dim {pat.dim} -> {pat.n_open} (ratio {args.ratio}), milestone {milestone}, "
+              f"{sum(p.numel() for p in trainable):,} trainable parameters "
+              f"({len(pat.lora)} LoRA, {len(pat.hsms)} HSMs), {count_params(model):,} in the model")
+        if wikitext:
+            ppl = wikitext(model)
+            print(f"WikiText-2 perplexity before tuning: {ppl:.3f}")
+            log.log({"step": 0, "ppl": ppl})
+
+    net = training.wrap(pat, device, world_size, compile=args.compile)
+    progress = Progress("step", args.max_steps, start=step)
+    pat.train()
+    pat.set_step(step)
+    tokens_seen = 0
+    with training.StopRequest() as stop:
+        while step < args.max_steps:
+            record, tokens = train_step(net, pat, optimizer, trainable, batches, step, args, device, amp, world_size,
+                                        last_ckpt)
+            step, tokens_seen = step + 1, tokens_seen + tokens
+            if master and (step % args.log_interval == 0 or step == args.max_steps):
+                log.log(record)
+                print(progress.line(step, tokens_seen, loss=record["loss"], task=record["task"], lr=record["lr"],
+                                    open=record["open"]), flush=True)
+                tokens_seen = 0
+            if master and wikitext and args.eval_interval and step % args.eval_interval == 0 and step < args.max_steps:
+                ppl = wikitext(model)
+                log.log({"step": step, "ppl": ppl})
+                print(f"step {step}: WikiText-2 perplexity {ppl:.3f}")
+            stopping = stop.requested(device)
+            if step == args.max_steps or args.ckpt_interval and step % args.ckpt_interval == 0 or stopping:
+                if master:
+                    training.save_state(state_path, {"step": step, "pat": pat.trainable_state(),
+                                                     "optimizer": optimizer.state_dict(), "data": batches.state_dict(),
+                                                     "rng": training.rng_state(), "args": asdict(args)})
+                last_ckpt = state_path
+            if stopping and step < args.max_steps:
+                stop.stop(step, args)
+    if master:
+        finish(pat, model, tokenizer, wikitext, args, step, log)
+    training.teardown()
+
+
 if __name__ == "__main__":
-    from model import cli_main
     cli_main(main)

@@ -1,106 +1,79 @@
-"""Training machinery shared by train_ast.py and train_pat.py.
+"""Training machinery shared by train_ast.py and train_pat.py, in the order a trainer uses it.
 
-Config dataclass -> CLI flags, distributed setup, LR schedule, seeded random token windows that resume
-exactly, atomic checkpoints with RNG states, a JSONL log with a PNG plot, a progress line, a NaN stop.
+The config both trainers extend (flags via cli.parse_config), distributed setup (torchrun: nccl on GPU, gloo
+on CPU), the compute dtype, the LR schedule, wrapping the model for training (FSDP, DDP, torch.compile),
+resumable state (atomic, weights_only, RNG included, FSDP gathered), a JSONL log with a PNG plot, a NaN stop
+and the teardown. The data side (token windows, instruction batches) lives in data.py.
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import math
 import os
 import random
-import time
-import types
-import typing
-from contextlib import nullcontext
+import shlex
+import shutil
+import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from model import UserError
+from cli import DTYPES, Device, UserError, atomic_write, resolve_device
 
 
 @dataclass
 class TrainArgs:
-    ckpt: str = "smollm2-135m"  # model name or checkpoint path (model.load)
+    ckpt: str = "smollm2-135m"  # model name or checkpoint path (checkpoint.load)
     data_dir: str | None = None  # default: ./data, else ../shared/data
-    out: str = "out/train"  # each trainer sets out/<script>
+    out: str = "out/train"  # run directory: state.pt, log.jsonl, log.png, final/
     max_steps: int = 1000  # optimizer steps
     batch_size: int = 8  # sequences per micro-batch per process
     grad_accum: int = 1  # micro-batches per optimizer step
-    seq_len: int = 512
+    seq_len: int = 512  # training window length in tokens
     lr: float = 2e-5  # peak learning rate
     min_lr_ratio: float = 0.1  # cosine ends at min_lr_ratio * lr
-    warmup_steps: int = 100
-    weight_decay: float = 0.0
+    warmup_steps: int = 100  # linear warmup steps
+    weight_decay: float = 0.0  # decoupled (AdamW) weight decay
     grad_clip: float = 1.0  # max global grad norm; 0 disables
-    device: str = "auto"  # cuda if available else cpu
-    dtype: str = "auto"  # autocast dtype: bfloat16 on GPU, float32 on CPU
-    seed: int = 0
+    device: Device = "auto"  # auto: cuda if torch sees a GPU, else cpu
+    autocast: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # compute dtype; auto: bfloat16 on GPU, float32 on CPU
+    seed: int = 0  # model init, data order
     ckpt_interval: int = 500  # steps between resumable checkpoints; 0: only at the end
-    eval_interval: int = 500  # steps between WikiText-2 perplexity evals; 0: only at the end; -1: never
-    eval_windows: int = 16  # WikiText-2 windows per eval; 0: the whole test set
-    log_interval: int = 10
-    compile: bool = False  # torch.compile the student
-    resume: bool = False  # continue from <out>/state.pt
-
-
-def _flag_type(hint):
-    """The argparse type of a field annotation: `int`, `float`, `str`, or `X | None` -> X."""
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    return hint
-
-
-def parse_config(cls, argv=None):
-    """One CLI flag per dataclass field (max_steps -> --max-steps; bools as --flag/--no-flag)."""
-    parser = argparse.ArgumentParser(description=(cls.__doc__ or "").strip() or None,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kind = _flag_type(hints[f.name])
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=" ")
-        else:
-            parser.add_argument(flag, type=kind, default=default, help=" ")
-    return cls(**vars(parser.parse_args(argv)))
+    eval: bool = True  # WikiText-2 perplexity at the start, every --eval-interval steps and at the end
+    eval_interval: int = 500  # steps between perplexity evals; 0: only at the start and the end
+    ppl_windows: int = 16  # WikiText-2 windows per perplexity eval; 0: the whole test set
+    ppl_seq_len: int = 512  # WikiText-2 window length
+    log_interval: int = 10  # steps between progress lines
+    compile: bool = False  # torch.compile the model being trained
+    resume: bool = False  # continue the run in --out from its state.pt
+    overwrite: bool = False  # start over in a --out that holds a run (deletes its state.pt, log.jsonl, log.png, final/)
 
 
 def setup_distributed(device="auto"):
     """(rank, world_size, local_rank, device): torchrun's env (nccl on CUDA, gloo on CPU) or one process."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     if "RANK" not in os.environ:
-        return 0, 1, 0, torch.device(device)
+        return 0, 1, 0, device
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if device.startswith("cuda"):
+    if device.type == "cuda":
         torch.cuda.set_device(local_rank)
-        device = f"cuda:{local_rank}"
+        device = torch.device(f"cuda:{local_rank}")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return rank, world_size, local_rank, torch.device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world_size, local_rank, device
 
 
-def autocast_dtype(dtype: str, device) -> torch.dtype:
-    """The compute dtype: `auto` is bfloat16 on GPU and float32 on CPU."""
-    if dtype == "auto":
-        dtype = "bfloat16" if torch.device(device).type == "cuda" else "float32"
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-
-
-def autocast(dtype: torch.dtype, device):
-    """Mixed precision context (weights stay fp32); a no-op for float32."""
-    if dtype == torch.float32:
-        return nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=dtype)
+def autocast_dtype(name: str, device) -> torch.dtype:
+    """The compute dtype of --autocast: `auto` is bfloat16 on GPU and float32 on CPU."""
+    if name == "auto":
+        name = "bfloat16" if torch.device(device).type == "cuda" else "float32"
+    return DTYPES[name]
 
 
 def lr_at(step: int, args) -> float:
@@ -112,48 +85,146 @@ def lr_at(step: int, args) -> float:
     return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (args.lr - min_lr)
 
 
-class TokenBatches:
-    """Random (x, y) windows of seq_len + 1 tokens from one token array, drawn by a seeded generator.
+# ----------------------------------------------------------------------------- the model as it trains
 
-    Every rank draws the same world_size * batch_size offsets and keeps its own slice, so the ranks see
-    disjoint windows and N processes see exactly the batch one process with N x batch_size would see."""
 
-    def __init__(self, ids, seq_len, batch_size, seed, rank=0, world_size=1):
-        if len(ids) < seq_len + 2:
-            raise UserError(f"only {len(ids)} training tokens for --seq-len {seq_len}; add text or lower --seq-len")
-        self.ids, self.seq_len, self.batch_size = ids, seq_len, batch_size
-        self.rank, self.world_size = rank, world_size
-        self.generator = torch.Generator().manual_seed(seed)
-        self.batches_drawn = 0
+def fsdp_shard(model, device, world_size):
+    """FSDP2 in place: each block is one unit, then the rest; moves this rank's shards to the device."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(device.type, (world_size,))
+    for block in model.layers:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
 
-    def next(self):
-        n = self.world_size * self.batch_size
-        starts = torch.randint(len(self.ids) - self.seq_len, (n,), generator=self.generator)
-        starts = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size].tolist()
-        rows = np.stack([np.asarray(self.ids[s:s + self.seq_len + 1], dtype=np.int64) for s in starts])
-        rows = torch.from_numpy(rows)
-        self.batches_drawn += 1
-        return rows[:, :-1], rows[:, 1:]
 
-    def state_dict(self):
-        return {"generator": self.generator.get_state(), "batches_drawn": self.batches_drawn}
+def wrap(model, device, world_size, fsdp=False, compile=False):
+    """What the training step calls: the model FSDP-sharded (in place), DDP-wrapped with more than one
+    process, or as it is; compiled in place with --compile. The caller keeps `model` for its state."""
+    if fsdp:
+        net = fsdp_shard(model, device, world_size)
+    else:
+        model.to(device)
+        net = model
+        if world_size > 1:  # buffers (masks) are computed identically on every rank: no broadcast
+            net = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    if compile:
+        net.compile()
+    return net
 
-    def load_state_dict(self, state):
-        self.generator.set_state(state["generator"])
-        self.batches_drawn = state["batches_drawn"]
+
+def model_state(model, fsdp=False) -> dict:
+    """The whole model's state dict on CPU (FSDP: gathered from all ranks; every rank must call this)."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def optimizer_state(model, optimizer, fsdp=False) -> dict:
+    """The optimizer's state dict (FSDP: gathered in full; every rank must call this)."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        return get_optimizer_state_dict(model, optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return optimizer.state_dict()
+
+
+# ----------------------------------------------------------------------------- resumable state
 
 
 def save_state(path, state: dict):
     """torch.save atomically: a temp file in the same directory, then os.replace (never a torn file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_state(path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)  # never execute a checkpoint
+    """A state.pt written by save_state; one clear line when it is missing or damaged. Never executes code."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"--resume: no {path}; start without --resume or point --out at the run")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, bad pickle, a global that weights_only refuses
+        raise UserError(f"--resume: cannot read {path} ({type(e).__name__}); it is truncated or not ours: "
+                        f"start the run again without --resume") from None
+
+
+RUN_FILES = ("state.pt", "log.jsonl", "log.png", "final")  # what a run writes into --out
+
+
+def open_run(args, rank=0):
+    """The state to resume (--resume), or None for a fresh run. A fresh run never writes into a --out that
+    holds anything unless --overwrite, which deletes the run's own files first; a resumed run cuts its log
+    back to the checkpoint's step, so a log never splices two runs; a finished run is reported (the caller
+    then stops and every result file stays as it was)."""
+    out = Path(args.out)
+    if args.resume:
+        state = load_state(out / "state.pt")
+        if state["step"] >= args.max_steps:
+            if rank == 0:
+                print(f"{out} already finished {state['step']} of --max-steps {args.max_steps}; its results are in "
+                      f"{out / 'final'}. Nothing to do (raise --max-steps to train on).")
+        elif rank == 0:
+            JsonlLog(out / "log.jsonl").keep_until(state["step"])
+            print(f"resuming from {out / 'state.pt'} at step {state['step']}")
+        return state
+    present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if present and not args.overwrite:
+        raise UserError(f"--out {out} already holds {', '.join(present[:4])}{' ...' if len(present) > 4 else ''}: "
+                        f"continue that run with --resume, start over with --overwrite, or choose another --out")
+    if present and rank == 0:
+        for name in RUN_FILES:
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+    if dist.is_initialized():
+        dist.barrier()  # no rank starts writing before rank 0 has cleared the directory
+    return None
+
+
+class StopRequest:
+    """`with StopRequest() as stop:` around the training loop. SIGINT / SIGTERM (what a scheduler sends before
+    preemption) only set a flag: the trainer checkpoints at the next step boundary and stops. `requested()`
+    agrees across ranks, so every rank stops at the same step. A second signal interrupts at once."""
+
+    def __enter__(self):
+        self.name = None
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        self.restore()
+
+    def _handle(self, signum, frame):
+        if self.name is not None:
+            raise KeyboardInterrupt
+        self.name = signal.Signals(signum).name
+
+    def requested(self, device) -> bool:
+        if not dist.is_initialized():
+            return self.name is not None
+        flag = torch.tensor(float(self.name is not None), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def stop(self, step, args):
+        """Every rank: end the run with one line naming the checkpoint and the command that continues it."""
+        self.restore()
+        world_size = dist.get_world_size() if dist.is_initialized() else 1
+        launcher = f"torchrun --nproc_per_node {world_size}" if world_size > 1 else "python"
+        command = " ".join(shlex.quote(a) for a in sys.argv if a != "--resume")
+        teardown()
+        raise UserError(f"stopped by {self.name or 'a signal on another rank'} after step {step}; "
+                        f"{Path(args.out) / 'state.pt'} holds it; continue with: {launcher} {command} --resume")
 
 
 def rng_state() -> dict:
@@ -174,6 +245,9 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# ----------------------------------------------------------------------------- log
+
+
 class JsonlLog:
     """One JSON object per line, appended and flushed per record (a resumed run appends to the same file)."""
 
@@ -185,9 +259,18 @@ class JsonlLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def keep_until(self, step):
+        """Drop the records after `step` (written after the checkpoint a resumed run starts from)."""
+        if self.path.exists():
+            lines = [line for line in self.path.read_text().splitlines(keepends=True)
+                     if json.loads(line)["step"] <= step]
+            atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(lines)))
 
-def plot_log(jsonl_path, png_path, keys):
-    """One panel per key against step; for a step logged twice (a resumed run) the last record wins."""
+
+def plot_log(jsonl_path, png_path, keys, log_keys=("ppl",), refs=None, marks=None):
+    """One panel per key against step, each value only where it was logged (a flip rate at mask updates, not
+    carried between them). log_keys: panels on a log axis; refs: {key: {label: value}} dashed reference lines
+    (dense, one-shot); marks: {label: step} vertical lines on every panel (PAT's milestone)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -204,7 +287,16 @@ def plot_log(jsonl_path, png_path, keys):
     fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.2 * len(keys)), sharex=True, squeeze=False)
     for ax, key in zip(axes[:, 0], keys):
         xs = [s for s in steps if records[s].get(key) is not None]
-        ax.plot(xs, [records[s][key] for s in xs], marker="." if len(xs) < 30 else None)
+        ax.plot(xs, [records[s][key] for s in xs], marker="o" if len(xs) < 30 else None, markersize=3)
+        for (label, value), color in zip(((refs or {}).get(key) or {}).items(), ("tab:green", "tab:red")):
+            if value is not None:
+                ax.axhline(value, color=color, linestyle="--", linewidth=1, label=f"{label} {value:.4g}")
+        for label, step in (marks or {}).items():
+            ax.axvline(step, color="gray", linestyle=":", linewidth=1, label=label if key == keys[0] else None)
+        if key in log_keys:
+            ax.set_yscale("log")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="best")
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("step")
@@ -213,28 +305,16 @@ def plot_log(jsonl_path, png_path, keys):
     plt.close(fig)
 
 
-class Progress:
-    """`step 120/1000 | loss 2.31 ce 2.9 | lr 1.8e-05 | 5,400 tok/s | ETA 12m03s`."""
-
-    def __init__(self, total_steps, start_step=0):
-        self.total, self.start_step = total_steps, start_step
-        self.t0 = self.t_last = time.perf_counter()
-
-    def line(self, step, tokens, lr, **parts):
-        """step: steps done; tokens: tokens processed since the previous call (all ranks)."""
-        now = time.perf_counter()
-        tok_s = tokens / max(now - self.t_last, 1e-9)
-        self.t_last = now
-        done = step - self.start_step
-        eta = (now - self.t0) / done * (self.total - step) if done > 0 else 0.0
-        fields = " ".join(f"{k} {v:.4g}" for k, v in parts.items() if v is not None)
-        return (f"step {step}/{self.total} | {fields} | lr {lr:.3g} | {tok_s:,.0f} tok/s"
-                f" | ETA {int(eta // 60)}m{int(eta % 60):02d}s")
-
-
 def check_finite(loss, step, last_ckpt):
     """Stop on NaN/inf loss with one line that names the last good checkpoint."""
     value = float(loss)
     if not math.isfinite(value):
         raise UserError(f"loss is {value} at step {step}; last good checkpoint: {last_ckpt or 'none yet'}"
                         f" (lower --lr or raise --warmup-steps, then --resume)")
+
+
+def teardown():
+    """End a torchrun run cleanly on every rank."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -16,7 +16,16 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from checkpoint import load  # noqa: E402
+from cli import peak_memory_gb  # noqa: E402
+from data import TokenBatches  # noqa: E402
+from sparsity import nm_mask, prunable_linears  # noqa: E402
+from train_ast import ARSAdamW, ASTArgs, sparsify, train_step, update_masks  # noqa: E402
+from training import autocast_dtype, setup_distributed  # noqa: E402
 
 
 def rss_gb():
@@ -26,23 +35,9 @@ def rss_gb():
     return 0.0
 
 
-def peak_rss_gb():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM"):
-            return int(line.split()[1]) / 2 ** 20
-    return 0.0
-
-
 def run_mode(a):
-    import torch
-    import numpy as np
-    from model import load
-    from sparsity import nm_mask, prunable_linears
-    from train_ast import ARSAdamW, ASTArgs, sparsify, train_step, update_masks
-    from training import TokenBatches, autocast_dtype, setup_distributed
-
     _, _, _, device = setup_distributed(a.device)
-    dtype = autocast_dtype(a.dtype, device)
+    dtype = autocast_dtype(a.autocast, device)
     base = rss_gb()
     student, _ = load(a.ckpt, device=device, tokenizer=False)
     args = ASTArgs(max_steps=a.warmup + a.steps, batch_size=a.batch_size, seq_len=a.seq_len, lr=1e-5,
@@ -76,7 +71,7 @@ def run_mode(a):
             torch.cuda.synchronize()
         if step >= a.warmup:
             times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else peak_rss_gb() - base
+    peak = peak_memory_gb(device) - (0.0 if device.type == "cuda" else base)
     print(json.dumps({"mode": a.mode, "step_s": sum(times) / len(times), "peak_gb": peak, "device": str(device)}))
 
 
@@ -89,7 +84,7 @@ def main():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--mask-interval", type=int, default=10)
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
+    p.add_argument("--autocast", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--mode", choices=["dense", "ast"], help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.mode:

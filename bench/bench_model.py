@@ -5,20 +5,29 @@
 
 transformers is only the reference here (pip install transformers accelerate); the project never imports it.
 """
-import argparse
 import math
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from checkpoint import export_hf, fetch_smollm2  # noqa: E402
-from data import resolve_data_dir, wikitext2_text  # noqa: E402
-from eval import perplexity_windows, window_nlls  # noqa: E402
-from model import load  # noqa: E402
+from checkpoint import export_hf, fetch_smollm2, load  # noqa: E402
+from cli import cli_main, parse_config  # noqa: E402
+from data import resolve_data_dir  # noqa: E402
+from eval import WikiText2  # noqa: E402
+
+
+@dataclass
+class BenchArgs:
+    """Our Llama vs transformers on SmolLM2-135M: load time, forward tokens/s and (optionally) perplexity."""
+    repeat: int = 3  # timings per measurement (the best is kept)
+    ppl_windows: int | None = None  # also WikiText-2 perplexity on the first N windows (0: all; omitted: skip)
+    ppl_seq_len: int = 2048  # WikiText-2 perplexity window length
+    data_dir: str | None = None  # default ./data, then ../shared/data
 
 
 def timed(fn, repeat=1):
@@ -38,7 +47,7 @@ def forward_tokens_per_s(fn, tokens, repeat):
 
 
 class Logits(torch.nn.Module):
-    """transformers' model as eval.window_nlls expects one: tokens -> logits."""
+    """transformers' model as eval.WikiText2 expects one: tokens -> logits."""
 
     def __init__(self, hf):
         super().__init__()
@@ -48,13 +57,8 @@ class Logits(torch.nn.Module):
         return self.hf(tokens).logits
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--ppl-windows", type=int, default=None, help="0 = all windows; omitted = skip perplexity")
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--data-dir", default=None)
-    a = p.parse_args()
+def main(argv=None):
+    a = parse_config(BenchArgs, argv)
     import transformers
 
     torch.manual_seed(0)
@@ -81,14 +85,13 @@ def main():
         print(f"  batch {batch} x {length:5d}                          {ours:9.0f}   {theirs:14.0f}      {ours / theirs:5.2f}x")
 
     if a.ppl_windows is not None:  # eval.py's own windows and loss for both models
-        windows, protocol = perplexity_windows(tok, wikitext2_text(resolve_data_dir(a.data_dir)), a.seq_len,
-                                               limit=a.ppl_windows or None)
-        ppl_ours = math.exp(window_nlls(model, windows).mean().item())
-        ppl_hf = math.exp(window_nlls(Logits(hf), windows).mean().item())
+        ppl = WikiText2(tok, resolve_data_dir(a.data_dir), a.ppl_seq_len, a.ppl_windows)
+        ppl_ours, ppl_hf = ppl(model), ppl(Logits(hf))
+        protocol = ppl.protocol
         print(f"\nWikiText-2 test, {protocol['tokens']} tokens (BOS: {protocol['bos']}), {protocol['windows']} windows "
-              f"of {a.seq_len}, tail dropped:")
+              f"of {a.ppl_seq_len}, tail dropped:")
         print(f"  perplexity ours {ppl_ours:.4f}   transformers (GGUF) {ppl_hf:.4f}   diff {abs(ppl_ours - ppl_hf):.2e}")
 
 
 if __name__ == "__main__":
-    main()
+    cli_main(main)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model import load  # noqa: E402
+from checkpoint import load  # noqa: E402
 from train_pat import PAT, merge, target_width  # noqa: E402
 
 

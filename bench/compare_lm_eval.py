@@ -1,14 +1,22 @@
-"""Agreement with lm-evaluation-harness: our eval.py and the harness itself (HF backend, on our Hugging Face
-export of the same weights) score the same task files; per task we print both accuracies and the fraction
-of items whose predictions are identical.
+"""Our eval.py against lm-evaluation-harness itself (HF backend, on our Hugging Face export of the same
+weights), both scoring the same task files: agreement (both accuracies per task and the fraction of items
+whose predictions are identical), or with --speed, items/s of each side and the ratio.
 
     pip install lm-eval          # a reference for this script only, not a project dependency
     python bench/compare_lm_eval.py --ckpt smollm2-135m --limit 200 --batch-size 16 --bos no
+    python bench/compare_lm_eval.py --speed --limit 50 --batch-size 16 --threads 1
 
 The harness reads our files through local task YAMLs written to a temp dir: each one `include`s the
 harness's own YAML for the task (its templates, preprocessing and metrics) and only swaps the dataset for
 `dataset_path: json` + `data_files` (and adds acc_norm to BoolQ/RTE, whose YAMLs list only acc).
 BOS: both sides get the same setting (--bos no: no BOS; yes: BOS before every request).
+
+--speed: the same machine, threads and batch size for both; each side is warmed up on 2 items first, then
+timed per task (ours first, then the harness), excluding model loading and dataset building. Why we are
+faster: one packed row per item (shared context computed once, choices as segments), the LM head only at
+continuation positions, and batch boundaries chosen to minimise padding (eval.length_batches); the harness
+runs one row per (context, choice), a full-vocab log_softmax at every position, and fixed chunks of its
+length-sorted requests.
 """
 from __future__ import annotations
 
@@ -18,14 +26,16 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import numpy as np
+import torch
 
-import torch  # noqa: E402
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import eval as ev  # noqa: E402
-from model import UserError, cli_main  # noqa: E402
+from checkpoint import export_hf, load, resolve  # noqa: E402
+from cli import UserError, cli_main, parse_config  # noqa: E402
+from data import resolve_data_dir  # noqa: E402
 from tokenizer import SMOLLM_PATTERN  # noqa: E402
 
 HARNESS_YAML = {"hellaswag": "hellaswag/hellaswag.yaml", "piqa": "piqa/piqa.yaml", "arc_easy": "arc/arc_easy.yaml",
@@ -37,24 +47,24 @@ SPLIT = {"arc_easy": "test", "arc_challenge": "test", "openbookqa": "test"}  # t
 
 @dataclass
 class CompareArgs:
-    """Run eval.py and lm-evaluation-harness on the same files and model; print agreement per task."""
-    ckpt: str = "smollm2-135m"
+    """Run eval.py and lm-evaluation-harness on the same files and model; print agreement (or speed) per task."""
+    ckpt: str = "smollm2-135m"  # model name or checkpoint path (checkpoint.load)
     tasks: str = "all"  # comma list of the eight zero-shot tasks, or all
     limit: int = 200  # first N records of each task file, for both
     batch_size: int = 16  # ours: items per forward; the harness: requests per forward
-    bos: str = "no"  # yes or no, for both sides
-    data_dir: str | None = None
-    out: str = "out/compare_lm_eval"  # HF export, tokenizer, results JSON
-    threads: int = 0  # torch threads; 0: torch's default
+    bos: Literal["yes", "no"] = "no"  # a BOS before every request, for both sides
+    speed: bool = False  # time both sides per task (each warmed up) instead of comparing predictions
+    data_dir: str | None = None  # default ./data, then ../shared/data
+    out: str = "out/compare_lm_eval"  # directory: HF export, tokenizer, compare.json
+    threads: int = 0  # torch threads for both sides (0: torch's default)
 
 
 def export_for_harness(model, tokenizer, ckpt, out) -> tuple[Path, Path]:
     """(model dir, tokenizer dir) that transformers loads: checkpoint.export_hf + a HF tokenizer from the GGUF."""
-    import checkpoint
     from transformers import AutoTokenizer
     model_dir, tok_dir = Path(out) / "hf_model", Path(out) / "hf_tokenizer"
-    checkpoint.export_hf(model, tokenizer, model_dir)
-    source = checkpoint.resolve(ckpt)
+    export_hf(model, tokenizer, model_dir)
+    source = resolve(ckpt)
     if source.suffix == ".gguf":
         hf_tok = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
         if getattr(tokenizer, "pattern", None) == SMOLLM_PATTERN:
@@ -122,7 +132,6 @@ def run_harness_task(lm, task_manager, name, limit):
 
 def harness_predictions(task, lls, items):
     """acc / acc_norm predictions from the harness's log-likelihoods with the harness's rule (np.argmax)."""
-    import numpy as np
     preds, norms = [], []
     for ll, (_, conts, _) in zip(lls, items):
         preds.append(int(np.argmax(ll)))
@@ -130,47 +139,30 @@ def harness_predictions(task, lls, items):
     return preds, norms
 
 
-def main(argv=None):
-    from data import resolve_data_dir
-    from lm_eval.tasks import TaskManager
-    from training import parse_config
-    import model as model_lib
-    args = parse_config(CompareArgs, argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    tasks = list(ev.TASKS) if args.tasks == "all" else ev.parse_tasks(args.tasks)
-    data_dir = resolve_data_dir(args.data_dir)
-    bos = {"yes": True, "no": False}[args.bos]
-    model, tokenizer = model_lib.load(args.ckpt)
-    model_dir, tok_dir = export_for_harness(model, tokenizer, args.ckpt, args.out)
-    checks = [c + x for t in tasks for ctxs, conts, _ in ev.read_task(data_dir, t, args.limit) for c, x in zip(ctxs, conts)]
-    lm = harness_lm(model_dir, tok_dir, args.batch_size, bos, tokenizer, checks)
-    print(f"tokenizers agree on all {len(checks)} request strings (BOS={'yes' if bos else 'no'})", file=sys.stderr)
+def compare(args, model, tokenizer, data_dir, tasks, bos, lm, task_manager, names):
+    """Per task: both sides' acc and acc_norm, identical predictions, the largest log-likelihood difference."""
     rows, report = [], {}
-    with tempfile.TemporaryDirectory() as yaml_dir:
-        names = write_task_yamls(yaml_dir, data_dir, tasks)
-        tm = TaskManager(include_path=yaml_dir)
-        for task in tasks:
-            items = ev.read_task(data_dir, task, args.limit)
-            t0 = time.perf_counter()
-            ours = ev.evaluate_task(model, tokenizer, task, data_dir, args.limit, args.batch_size, bos)
-            ours_s = time.perf_counter() - t0
-            h_lls, h_s, h_metrics = run_harness_task(lm, tm, names[task], args.limit)
-            h_pred, h_norm = harness_predictions(task, h_lls, items)
-            n = len(items)
-            assert len(h_lls) == n == ours["n"], (task, len(h_lls), n)
-            same = sum(s["pred"] == p for s, p in zip(ours["samples"], h_pred)) / n
-            same_norm = (None if task in ev.NO_ACC_NORM else
-                         sum(s["pred_norm"] == p for s, p in zip(ours["samples"], h_norm)) / n)
-            max_dll = max(abs(a - b) for s, ll in zip(ours["samples"], h_lls) for a, b in zip(s["loglikelihoods"], ll))
-            h_acc = sum(p == it[2] for p, it in zip(h_pred, items)) / n
-            h_acc_norm = None if task in ev.NO_ACC_NORM else sum(p == it[2] for p, it in zip(h_norm, items)) / n
-            report[task] = dict(n=n, acc=ours["acc"], acc_norm=ours["acc_norm"], harness_acc=h_acc,
-                                harness_acc_norm=h_acc_norm, harness_reported=h_metrics, same_pred=same,
-                                same_pred_norm=same_norm, max_abs_dll=max_dll, ours_s=ours_s, harness_s=h_s)
-            rows.append(report[task])
-            print(f"{task}: same pred {same:.3f}, max |dll| {max_dll:.2e}, ours {ours_s:.1f}s, harness {h_s:.1f}s",
-                  file=sys.stderr)
+    for task in tasks:
+        items = ev.read_task(data_dir, task, args.limit)
+        t0 = time.perf_counter()
+        ours = ev.evaluate_task(model, tokenizer, task, data_dir, args.limit, args.batch_size, bos)
+        ours_s = time.perf_counter() - t0
+        h_lls, h_s, h_metrics = run_harness_task(lm, task_manager, names[task], args.limit)
+        h_pred, h_norm = harness_predictions(task, h_lls, items)
+        n = len(items)
+        assert len(h_lls) == n == ours["n"], (task, len(h_lls), n)
+        same = sum(s["pred"] == p for s, p in zip(ours["samples"], h_pred)) / n
+        same_norm = (None if task in ev.NO_ACC_NORM else
+                     sum(s["pred_norm"] == p for s, p in zip(ours["samples"], h_norm)) / n)
+        max_dll = max(abs(a - b) for s, ll in zip(ours["samples"], h_lls) for a, b in zip(s["loglikelihoods"], ll))
+        h_acc = sum(p == it[2] for p, it in zip(h_pred, items)) / n
+        h_acc_norm = None if task in ev.NO_ACC_NORM else sum(p == it[2] for p, it in zip(h_norm, items)) / n
+        report[task] = dict(n=n, acc=ours["acc"], acc_norm=ours["acc_norm"], harness_acc=h_acc,
+                            harness_acc_norm=h_acc_norm, harness_reported=h_metrics, same_pred=same,
+                            same_pred_norm=same_norm, max_abs_dll=max_dll, ours_s=ours_s, harness_s=h_s)
+        rows.append(report[task])
+        print(f"{task}: same pred {same:.3f}, max |dll| {max_dll:.2e}, ours {ours_s:.1f}s, harness {h_s:.1f}s",
+              file=sys.stderr)
     import lm_eval
     print(f"\nlm-eval {lm_eval.__version__ if hasattr(lm_eval, '__version__') else '?'} vs eval.py: {args.ckpt} fp32 CPU, "
           f"BOS={'yes' if bos else 'no'}, --limit {args.limit}, batch size {args.batch_size}, zero-shot")
@@ -187,6 +179,51 @@ def main(argv=None):
           f"ratio {h_s / ours_s:.2f}x (threads {torch.get_num_threads()})")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "compare.json").write_text(json.dumps(report, indent=1, default=str))
+
+
+def speed(args, model, tokenizer, data_dir, tasks, bos, lm, task_manager, names):
+    """items/s of each side per task, each warmed up on 2 items of the first task, and the ratio."""
+    ev.evaluate_task(model, tokenizer, tasks[0], data_dir, 2, args.batch_size, bos=bos)  # warm-up
+    run_harness_task(lm, task_manager, names[tasks[0]], 2)
+    rows = []
+    for task in tasks:
+        t0 = time.perf_counter()
+        n = ev.evaluate_task(model, tokenizer, task, data_dir, args.limit, args.batch_size, bos=bos)["n"]
+        ours = time.perf_counter() - t0
+        theirs = run_harness_task(lm, task_manager, names[task], args.limit)[1]
+        rows.append((task, n, ours, theirs))
+    print(f"\n{args.ckpt} fp32 CPU, {torch.get_num_threads()} thread(s), batch size {args.batch_size}, "
+          f"BOS={'yes' if bos else 'no'}, --limit {args.limit}")
+    print("| task | n | ours items/s | lm-eval items/s | ratio |")
+    print("|---|---|---|---|---|")
+    for task, n, ours, theirs in rows:
+        print(f"| {task} | {n} | {n / ours:.2f} | {n / theirs:.2f} | {theirs / ours:.2f}x |")
+    n = sum(r[1] for r in rows)
+    ours, theirs = sum(r[2] for r in rows), sum(r[3] for r in rows)
+    print(f"| all | {n} | {n / ours:.2f} | {n / theirs:.2f} | {theirs / ours:.2f}x |")
+
+
+def main(argv=None):
+    args = parse_config(CompareArgs, argv)
+    from lm_eval.tasks import TaskManager  # the reference, installed for this script only
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tasks = list(ev.TASKS) if args.tasks == "all" else ev.parse_tasks(args.tasks)
+    data_dir = resolve_data_dir(args.data_dir)
+    bos = {"yes": True, "no": False}[args.bos]
+    model, tokenizer = load(args.ckpt)
+    model_dir, tok_dir = export_for_harness(model, tokenizer, args.ckpt, args.out)
+    if args.speed:
+        lm = harness_lm(model_dir, tok_dir, args.batch_size, bos)
+    else:
+        checks = [c + x for t in tasks for ctxs, conts, _ in ev.read_task(data_dir, t, args.limit)
+                  for c, x in zip(ctxs, conts)]
+        lm = harness_lm(model_dir, tok_dir, args.batch_size, bos, tokenizer, checks)
+        print(f"tokenizers agree on all {len(checks)} request strings (BOS={'yes' if bos else 'no'})", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as yaml_dir:
+        names = write_task_yamls(yaml_dir, data_dir, tasks)
+        (speed if args.speed else compare)(args, model, tokenizer, data_dir, tasks, bos, lm,
+                                           TaskManager(include_path=yaml_dir), names)
 
 
 if __name__ == "__main__":

@@ -8,18 +8,20 @@ scales and mins included), compression vs fp32, pack time, and the packed model'
 The 2:4 checkpoint and the packed ones are written under --out (gitignored), ~1.5 GB in all.
 Last, the pack/unpack arithmetic alone is timed on one thread in CPU seconds.
 """
-import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import checkpoint  # noqa: E402
+import packed  # noqa: E402
+import sparsity  # noqa: E402
+from checkpoint import load  # noqa: E402
+from cli import cli_main, parse_config  # noqa: E402
 from kernels import pack  # noqa: E402
-from kernels.bench import prune_2to4_  # noqa: E402
-from model import cli_main, load  # noqa: E402
 
 FORMS = [  # (label, pack CLI flags)
     ("2:4, fp32 values", []),
@@ -29,15 +31,19 @@ FORMS = [  # (label, pack CLI flags)
 ]
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    p.add_argument("--ckpt", default="smollm2-135m")
-    p.add_argument("--out", default="out/pack_smollm2")
-    a = p.parse_args()
-    out = Path(a.out)
-    model, tok = load(a.ckpt, dtype=torch.float32)
+@dataclass
+class Config:
+    """The README's storage table: a magnitude-2:4 SmolLM2-135M packed in each storage form."""
+    ckpt: str = "smollm2-135m"  # the dense model to prune to 2:4 (a name or a path)
+    out: str = "out/pack_smollm2"  # directory for the 2:4 checkpoint and the packed ones (~1.5 GB)
+
+
+def main(argv=None):
+    cfg = parse_config(Config, argv)
+    out = Path(cfg.out)
+    model, tok = load(cfg.ckpt, dtype=torch.float32)
     t0 = time.perf_counter()
-    masks = prune_2to4_(model)
+    masks = sparsity.prune(model, "magnitude", (2, 4))  # the 7 projections of every block, in place
     print(f"magnitude 2:4 on {len(masks)} linears in {time.perf_counter() - t0:.1f}s")
     checkpoint.save(model, tok, out / "ckpt_2to4", masks=masks)
     dense_file = (out / "ckpt_2to4" / "model.safetensors").stat().st_size
@@ -79,13 +85,13 @@ def main():
 
     # the packing arithmetic alone, one thread, CPU time (the CLI's wall time above includes disk and a busy machine)
     torch.set_num_threads(1)
-    state = checkpoint._safetensors(out / "ckpt_2to4" / "model.safetensors")
+    state = checkpoint.read_safetensors(out / "ckpt_2to4" / "model.safetensors")
     names = [k + ".weight" for k in masks]
     for bits in (0, 4):
         c0 = time.process_time()
-        tensors, layout = pack.pack_state_dict(state, names, masks, bits, 128)
+        tensors, layout = packed.pack_state_dict(state, names, masks, bits, 128)
         c1 = time.process_time()
-        back = pack.unpack_state_dict(tensors, layout)
+        back = packed.unpack_state_dict(tensors, layout)
         c2 = time.process_time()
         same = all(torch.equal(back[k], state[k]) for k in state)
         print(f"--bits {bits}: pack_state_dict {c1 - c0:.1f}s CPU, unpack_state_dict {c2 - c1:.1f}s CPU (1 thread, "

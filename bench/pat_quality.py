@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import checkpoint  # noqa: E402
 import data  # noqa: E402
 import train_pat  # noqa: E402
-from model import load  # noqa: E402
+from checkpoint import load  # noqa: E402
 
 
 @torch.no_grad()
@@ -73,15 +73,15 @@ def main():
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--eval-windows", type=int, default=8)
-    p.add_argument("--eval-seq-len", type=int, default=512)
+    p.add_argument("--ppl-windows", type=int, default=8)
+    p.add_argument("--ppl-seq-len", type=int, default=512)
     p.add_argument("--calib-windows", type=int, default=8)
     p.add_argument("--arms", default="lora,prune_lora,pat")
     a = p.parse_args()
     out = Path(a.out)
     common = ["--data", a.data, "--max-steps", str(a.max_steps), "--batch-size", str(a.batch_size),
-              "--seq-len", str(a.seq_len), "--lr", str(a.lr), "--eval-windows", str(a.eval_windows),
-              "--eval-seq-len", str(a.eval_seq_len), "--warmup-steps", str(max(1, a.max_steps // 10)),
+              "--seq-len", str(a.seq_len), "--lr", str(a.lr), "--ppl-windows", str(a.ppl_windows),
+              "--ppl-seq-len", str(a.ppl_seq_len), "--warmup-steps", str(max(1, a.max_steps // 10)),
               "--log-interval", "1"] + (["--data-dir", a.data_dir] if a.data_dir else [])
     rows = {}
     for arm in a.arms.split(","):
@@ -102,7 +102,7 @@ def main():
         rows[arm] = final_ppl(out / arm)
     tokens = a.max_steps * a.batch_size * a.seq_len
     print(f"\nSmolLM2-135M, ratio {a.ratio}, {a.max_steps} steps x {a.batch_size} x {a.seq_len} = {tokens:,} "
-          f"training tokens per arm ({a.data}); WikiText-2 test, {a.eval_windows or 'all'} windows of {a.eval_seq_len}")
+          f"training tokens per arm ({a.data}); WikiText-2 test, {a.ppl_windows or 'all'} windows of {a.ppl_seq_len}")
     names = {"lora": "LoRA only, dense (0%)", "prune_lora": f"prune lowest-norm channels -> LoRA ({a.ratio:.0%})",
              "pat": f"PAT ({a.ratio:.0%})"}
     print("| method | ppl before training | ppl of the final model |\n|---|---|---|")

@@ -1,2 +1,2 @@
-"""2:4 sparsity beyond masks: pack.py stores 2:4 checkpoints compressed (any device), sparse.py runs them on
-sparse tensor cores (CUDA, compute capability >= 8.0), bench.py measures where that pays."""
+"""2:4 sparsity beyond masks: pack.py writes 2:4 checkpoints in the compressed format of packed.py (any device),
+sparse.py runs them on sparse tensor cores (CUDA, compute capability >= 8.0), bench.py measures where that pays."""

@@ -3,7 +3,7 @@ Where do 2:4 sparse tensor cores pay? Dense vs CUTLASS vs cuSPARSELt, measured i
 
     python -m kernels.bench                      # everything below (needs a CUDA GPU, compute capability >= 8.0)
     python -m kernels.bench --models ""          # per-linear table only
-    python -m kernels.bench --out results_kernels.json
+    python -m kernels.bench --out out/kernels        # also writes out/kernels/kernels_bench.json
 
 1. Per linear layer, at SmolLM2-135M and Llama-2-7B shapes (q/k/v/o, gate/up, down) and token counts
    1 ... 16384: y = F.linear(x, W) with W dense (already 2:4-masked) vs W = to_sparse_semi_structured(W)
@@ -15,64 +15,80 @@ Where do 2:4 sparse tensor cores pay? Dense vs CUTLASS vs cuSPARSELt, measured i
    without KV cache over n tokens (batch n // 4096 of 4096 tokens when n > 4096). Decode: per-step latency of
    one token per sequence with the KV cache after a 128-token prompt, eager mode (no CUDA graphs / compile).
 """
-import argparse
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import ModelArgs, Transformer, UserError, cli_main
+import checkpoint
+import sparsity
+from cli import DTYPES, UserError, atomic_write, cli_main, flag, parse_config
+from kernels.sparse import BACKENDS, check_gpu, to_sparse
+from model import ModelArgs, Transformer
 
 LINEAR_SHAPES = {  # (out, in) of the 2:4 linears
     "smollm2-135m": {"q,o": (576, 576), "k,v": (192, 576), "gate,up": (1536, 576), "down": (576, 1536)},
     "llama2-7b": {"q,k,v,o": (4096, 4096), "gate,up": (11008, 4096), "down": (4096, 11008)},
 }
-PROJECTIONS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+MODELS = ("smollm2-135m", "llama2-7b-random")  # the whole-model part's choices
+OUT_FILE = "kernels_bench.json"
 
 
 @dataclass
 class BenchConfig:
-    dtype: str = "bfloat16"  # bfloat16 or float16
-    backends: str = "cutlass,cusparselt"
+    """Dense vs 2:4 sparse tensor cores (CUTLASS, cuSPARSELt): per-linear and whole-model timings on one GPU."""
+    dtype: Literal["bfloat16", "float16"] = "bfloat16"  # weight and activation dtype (2:4 kernels: 16-bit only)
+    backends: str = "cutlass,cusparselt"  # comma-separated sparse backends to time against dense
     tokens: str = "1,16,128,1024,4096,16384"  # per-linear token counts
     runs: int = 100  # timed runs per linear measurement (median)
     model_runs: int = 10  # timed runs per whole-model measurement (median)
-    models: str = "smollm2-135m,llama2-7b-random"  # "" skips the whole-model part
-    smollm2: str = "smollm2-135m"  # name or path for model.load (on an offline GPU box: a local copy)
+    models: str = "smollm2-135m,llama2-7b-random"  # whole models to time (smollm2-135m, llama2-7b-random); "": none
+    smollm2: str = "smollm2-135m"  # name or path for checkpoint.load (on an offline GPU box: a local copy)
     ckpt: str = ""  # a 2:4 checkpoint to use instead of magnitude-pruning SmolLM2
     prefill: str = "128,1024,4096,16384"  # whole-model prefill token counts
-    decode_batch: str = "1,16"
-    decode_steps: int = 32
-    out: str = ""  # also write all results as JSON here
-    seed: int = 0
+    decode_batch: str = "1,16"  # whole-model decode batch sizes
+    decode_steps: int = 32  # timed decode steps per batch size (median)
+    out: str = ""  # a directory to also write all results to, as kernels_bench.json ("": print only)
+    seed: int = 0  # random seed of the weights and inputs
 
 
 def ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x]
 
 
-# ----------------------------------------------------------------------------- 2:4 by magnitude
+def check_flags(cfg: BenchConfig) -> None:
+    """The comma-separated flags, before any GPU work: positive integers and known model names."""
+    unknown = [m for m in cfg.models.split(",") if m and m not in MODELS]
+    if unknown:
+        raise UserError(f"--models: unknown model {unknown[0]!r}; use {' and/or '.join(MODELS)} (or \"\")")
+    for name in ("tokens", "prefill", "decode_batch"):
+        value = getattr(cfg, name)
+        try:
+            ok = all(n > 0 for n in ints(value))
+        except ValueError:
+            ok = False
+        if not ok:
+            raise UserError(f"{flag(name)} {value}: must be comma-separated positive integers")
 
-def magnitude_2to4(weight: torch.Tensor) -> torch.Tensor:
-    """Keep the 2 largest |w| of every group of 4 consecutive inputs (a bool mask shaped like weight)."""
-    g = weight.reshape(weight.shape[0], -1, 4)
-    keep = torch.zeros_like(g, dtype=torch.bool).scatter_(2, g.abs().topk(2, dim=-1).indices, True)
-    return keep.view_as(weight)
 
-
-@torch.no_grad()
-def prune_2to4_(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Magnitude 2:4 on the 7 projections of every block, in place; returns the masks (module name -> bool)."""
-    masks = {}
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and name.split(".")[-1] in PROJECTIONS and name.startswith("layers."):
-            masks[name] = magnitude_2to4(module.weight)
-            module.weight.mul_(masks[name])
-    return masks
+def output_dir(out: str) -> Path | None:
+    """--out as a directory (created now), or None without --out; checked before any GPU work."""
+    if not out:
+        return None
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {out}: is a file; --out is a directory (the results go to {out}/{OUT_FILE})")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot create the directory ({e.strerror})") from None
+    return path
 
 
 # ----------------------------------------------------------------------------- timing
@@ -102,7 +118,6 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def sparse_weight(w: torch.Tensor, backend: str):
-    from kernels.sparse import BACKENDS
     return BACKENDS[backend].from_dense(w)
 
 
@@ -115,7 +130,7 @@ def bench_linears(cfg: BenchConfig, timer: Timer, dtype, backends) -> list[dict]
     for model_name, shapes in LINEAR_SHAPES.items():
         for layer, (out, n_in) in shapes.items():
             w = torch.randn(out, n_in, device="cuda", dtype=dtype) * 0.02
-            w = w * magnitude_2to4(w)
+            w = w * sparsity.nm_mask(w.abs().float(), 2, 4)  # the 2 largest |w| of every 4 inputs
             sparse = {}
             for b in backends:
                 if b in broken:
@@ -160,7 +175,6 @@ def table_row(r: dict, backends) -> str:
 # ----------------------------------------------------------------------------- 2. whole model
 
 def build_model(name: str, cfg: BenchConfig, dtype):
-    import model as model_py
     if name == "llama2-7b-random":
         torch.manual_seed(cfg.seed)
         default = torch.get_default_dtype()
@@ -170,16 +184,16 @@ def build_model(name: str, cfg: BenchConfig, dtype):
                 model = Transformer(ModelArgs())  # the defaults are Llama-2-7B's shapes
         finally:
             torch.set_default_dtype(default)
-        prune_2to4_(model)
+        sparsity.prune(model, "magnitude", (2, 4))  # the 7 projections of every block, in place
         return model.eval()
     if name == "smollm2-135m":
         if cfg.ckpt:
-            model, _ = model_py.load(cfg.ckpt, device="cuda", dtype=dtype, tokenizer=False)
+            model, _ = checkpoint.load(cfg.ckpt, device="cuda", dtype=dtype, tokenizer=False)
         else:
-            model, _ = model_py.load(cfg.smollm2, device="cuda", dtype=dtype, tokenizer=False)
-            prune_2to4_(model)
+            model, _ = checkpoint.load(cfg.smollm2, device="cuda", dtype=dtype, tokenizer=False)
+            sparsity.prune(model, "magnitude", (2, 4))
         return model.eval()
-    raise UserError(f"--models: unknown model {name!r}; use smollm2-135m and/or llama2-7b-random")
+    raise UserError(f"--models: unknown model {name!r}; use {' and/or '.join(MODELS)}")
 
 
 @torch.inference_mode()
@@ -211,7 +225,6 @@ def time_model(model, cfg: BenchConfig, timer: Timer) -> dict:
 
 
 def bench_models(cfg: BenchConfig, timer: Timer, dtype, backends) -> list[dict]:
-    from kernels.sparse import to_sparse
     results = []
     for name in [m for m in cfg.models.split(",") if m]:
         t0 = time.perf_counter()
@@ -269,17 +282,13 @@ def environment() -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for f in fields(BenchConfig):
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
-    cfg = BenchConfig(**vars(p.parse_args(argv)))
+    cfg = parse_config(BenchConfig, argv)
+    check_flags(cfg)
+    out = output_dir(cfg.out)
     if not torch.cuda.is_available():
         raise UserError(f"kernels.bench needs a CUDA GPU with compute capability >= 8.0 and torch "
                         f"{torch.__version__} sees none; run it on a GPU machine")
-    from kernels.sparse import check_gpu
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype)
-    if dtype is None:
-        raise UserError(f"--dtype {cfg.dtype}: use bfloat16 or float16")
+    dtype = DTYPES[cfg.dtype]
     check_gpu(torch.device("cuda"), "cutlass")  # compute capability >= 8.0, else one line and exit
     backends = []
     for b in [b for b in cfg.backends.split(",") if b]:
@@ -298,10 +307,10 @@ def main(argv=None):
     print(table_head(backends), flush=True)
     linears = bench_linears(cfg, timer, dtype, backends)
     models = bench_models(cfg, timer, dtype, backends)
-    if cfg.out:
-        with open(cfg.out, "w") as f:
-            json.dump({"env": env, "config": asdict(cfg), "linears": linears, "models": models}, f, indent=1)
-        print(f"wrote {cfg.out}")
+    if out is not None:
+        results = {"env": env, "config": asdict(cfg), "linears": linears, "models": models}
+        atomic_write(out / OUT_FILE, lambda p: Path(p).write_text(json.dumps(results, indent=1)))
+        print(f"wrote {out / OUT_FILE}")
 
 
 if __name__ == "__main__":

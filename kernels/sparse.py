@@ -1,7 +1,7 @@
 """
 Run the 2:4 linears of a model on sparse tensor cores (CUDA, compute capability >= 8.0, fp16/bf16).
 
-    model, tok = model.load(ckpt, device="cuda", dtype=torch.bfloat16)
+    model, tok = checkpoint.load(ckpt, device="cuda", dtype=torch.bfloat16)
     kernels.sparse.to_sparse(model, backend="cutlass")   # or "cusparselt"
 
 Every nn.Linear whose weight is 2:4 sparse (at most 2 nonzeros in each group of 4 consecutive inputs) gets
@@ -19,17 +19,11 @@ import torch.nn as nn
 from torch.sparse import SparseSemiStructuredTensor
 from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
 
-from model import UserError
+from cli import UserError
+from sparsity import check_nm
 
 BACKENDS = {"cutlass": SparseSemiStructuredTensorCUTLASS, "cusparselt": SparseSemiStructuredTensorCUSPARSELT}
 DTYPES = (torch.float16, torch.bfloat16)  # 2:4 on tensor cores; fp32 would be 1:2 under CUTLASS
-
-
-def is_2to4(weight: torch.Tensor) -> bool:
-    """At most 2 nonzeros in every group of 4 consecutive entries of each row."""
-    if weight.ndim != 2 or weight.shape[1] % 4:
-        return False
-    return bool(((weight.reshape(weight.shape[0], -1, 4) != 0).sum(-1) <= 2).all())
 
 
 def shape_problem(shape, dtype: torch.dtype, backend: str) -> str | None:
@@ -81,7 +75,9 @@ def plan(model: nn.Module, backend: str) -> list[tuple[str, nn.Linear, str | Non
         w = module.weight
         if isinstance(w, SparseSemiStructuredTensor):
             continue
-        problem = shape_problem(w.shape, w.dtype, backend) or (None if is_2to4(w) else "not 2:4 sparse")
+        # 2:4: at most 2 nonzeros in every group of 4 consecutive inputs of a row
+        problem = shape_problem(w.shape, w.dtype, backend) or (
+            None if w.ndim == 2 and check_nm(w, 2, 4) else "not 2:4 sparse")
         if problem is None and module.bias is not None and module.bias.dtype != w.dtype:
             problem = "bias dtype differs from weight dtype"
         rows.append((name, module, problem))

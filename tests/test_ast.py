@@ -1,6 +1,8 @@
 """train_ast.py: the AST method on tiny models (CPU, seconds), resume, DDP equivalence, and a behaviour test."""
+import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,10 +13,11 @@ import torch
 import torch.nn.functional as F
 
 import train_ast
+import training
 from model import ModelArgs, Transformer
 from sparsity import check_nm, nm_mask, prunable_linears
 from train_ast import ARSAdamW, ASTArgs, SparseLinear, ast_loss, slorb_init, sparsify, train_step, update_masks
-from training import TokenBatches
+from data import TokenBatches
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -187,7 +190,7 @@ def tiny_run(tmp_path_factory):
 def run_args(root, out, *extra):
     return ["--ckpt", str(root / "tiny"), "--data-dir", str(root / "data"), "--out", str(out), "--seq-len", "32",
             "--batch-size", "4", "--max-steps", "6", "--warmup-steps", "2", "--lr", "1e-2", "--mask-interval", "2",
-            "--decay-max", "1e-2", "--eval-windows", "4", "--eval-interval", "0", "--log-interval", "100",
+            "--decay-max", "1e-2", "--ppl-windows", "4", "--ppl-seq-len", "32", "--eval-interval", "0", "--log-interval", "100",
             "--decay-warmup", "3", *extra]
 
 
@@ -214,9 +217,12 @@ def test_resume_after_a_kill_is_bit_identical(tiny_run, monkeypatch, capsys):
     a, b = weights(tiny_run / "straight"), weights(tiny_run / "killed")
     assert a.keys() == b.keys() and any("slorb_s" in k for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # the log, flip rates included, record for record: nothing spliced, no counter restarted at 0
+    log = (tiny_run / "straight" / "log.jsonl").read_text()
+    assert (tiny_run / "killed" / "log.jsonl").read_text() == log and '"flip_prev"' in log
     # the export: exact 2:4 zeros, loadable by model.load with its SLoRB branches
     from checkpoint import load_masks
-    from model import load
+    from checkpoint import load
     model, _ = load(tiny_run / "killed" / "final")
     masks = load_masks(tiny_run / "killed" / "final")
     for name, lin in prunable_linears(model).items():
@@ -246,11 +252,13 @@ def test_torchrun_two_processes_equal_one_with_the_same_global_batch(tiny_run):
 
 
 def test_nan_loss_stops_with_the_last_checkpoint(tiny_run, monkeypatch):
-    from model import UserError
+    from cli import UserError
     monkeypatch.chdir(tiny_run)
-    # lr nan: step 1 computes a finite loss and writes NaN weights, so step 2's loss is NaN
+    # a NaN learning rate (the flag refuses one): step 1 computes a finite loss and writes NaN weights,
+    # so step 2's loss is NaN
+    monkeypatch.setattr(training, "lr_at", lambda step, args: float("nan"))
     with pytest.raises(UserError, match="loss is nan at step 2; last good checkpoint: none yet"):
-        train_ast.main(run_args(tiny_run, tiny_run / "nan", "--lr", "nan", "--ckpt-interval", "0"))
+        train_ast.main(run_args(tiny_run, tiny_run / "nan", "--ckpt-interval", "0"))
 
 
 # ----------------------------------------------------------------------------- behaviour on a trained model
@@ -308,3 +316,42 @@ def test_ast_recovers_a_really_trained_model_and_beats_fixed_mask_without_distil
     assert oneshot > dense_ppl * 1.1  # pruning really hurts
     assert (oneshot - ast) / (oneshot - dense_ppl) > 0.8  # AST recovers most of what pruning lost
     assert ast < fixed  # and beats fixed-mask training without distillation at equal steps
+
+
+def test_sigterm_checkpoints_at_the_step_boundary_and_resumes_exactly(tiny_run, monkeypatch, capsys):
+    """What a scheduler sends before preemption: the run saves at the end of that step, exits with one line
+    naming --resume, and the resumed run ends equal to an uninterrupted one, log included."""
+    monkeypatch.chdir(tiny_run)
+    train_ast.main(run_args(tiny_run, tiny_run / "calm", "--ckpt-interval", "0"))
+    real_step = train_ast.train_step
+
+    def signalled_in_step_3(*args, **kwargs):
+        parts = real_step(*args, **kwargs)
+        if args[4] == 2:  # step index 2 = the third step
+            os.kill(os.getpid(), signal.SIGTERM)
+        return parts
+    monkeypatch.setattr(train_ast, "train_step", signalled_in_step_3)
+    from cli import UserError
+    with pytest.raises(UserError, match=r"stopped by SIGTERM after step 3; .*state.pt holds it; continue with: .*--resume"):
+        train_ast.main(run_args(tiny_run, tiny_run / "preempted", "--ckpt-interval", "0"))
+    assert training.load_state(tiny_run / "preempted" / "state.pt")["step"] == 3
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    monkeypatch.setattr(train_ast, "train_step", real_step)
+    train_ast.main(run_args(tiny_run, tiny_run / "preempted", "--ckpt-interval", "0", "--resume"))
+    a, b = weights(tiny_run / "calm"), weights(tiny_run / "preempted")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tiny_run / "calm" / "log.jsonl").read_text() == (tiny_run / "preempted" / "log.jsonl").read_text()
+
+
+def test_a_fresh_run_never_overwrites_a_run(tiny_run, monkeypatch):
+    monkeypatch.chdir(tiny_run)
+    out = tiny_run / "taken"
+    train_ast.main(run_args(tiny_run, out, "--max-steps", "2", "--no-eval"))
+    before = (out / "log.jsonl").read_text()
+    from cli import UserError
+    with pytest.raises(UserError, match="already holds .*--resume.*--overwrite"):
+        train_ast.main(run_args(tiny_run, out, "--max-steps", "3", "--no-eval"))
+    assert (out / "log.jsonl").read_text() == before
+    train_ast.main(run_args(tiny_run, out, "--max-steps", "3", "--no-eval", "--overwrite"))
+    steps = [json.loads(line)["step"] for line in open(out / "log.jsonl")]
+    assert steps == [0, 1, 2, 3]  # the new run alone, nothing of the old one spliced in

@@ -1,12 +1,23 @@
-"""Data location, the WikiText-2 rows, and the tokenized-corpus cache."""
+"""data.py: where the data lives, the WikiText-2 rows, the tokenized-corpus cache, the training batches
+(token windows and instruction records) that resume exactly and shard by rank, and the calibration windows
+of the official Wanda/SparseGPT C4 sampler."""
+import json
 import os
 
 import numpy as np
 import pytest
+import torch
 
-from data import read_documents, resolve_data_dir, tokenize_corpus, wikitext2_text
-from model import UserError
-from tokenizer import load_tokenizer
+import data
+from cli import UserError
+from data import InstructBatches, TokenBatches, read_documents, resolve_data_dir, tokenize_corpus, wikitext2_text
+from tokenizer import GPT2_PATTERN, TiktokenTokenizer, load_tokenizer
+
+
+def byte_tokenizer():
+    """One token per byte, BOS 256, EOS 257: a tokenizer that needs no files."""
+    return TiktokenTokenizer({bytes([i]): i for i in range(256)}, {"<s>": 256, "</s>": 257}, GPT2_PATTERN,
+                             bos_id=256, eos_id=257, add_bos=True, specials_in_text=False, name="bytes")
 
 
 def test_data_dir_resolution(tmp_path, monkeypatch):
@@ -50,3 +61,120 @@ def test_malformed_documents_are_named(tmp_path):
         read_documents([bad])
     with pytest.raises(UserError, match="not found"):
         read_documents([tmp_path / "missing.jsonl"])
+
+
+# ----------------------------------------------------------------------------- training batches
+
+def test_token_batches_resume_exactly_and_shard_by_rank():
+    ids = np.arange(10_000, dtype=np.uint32)
+    full = TokenBatches(ids, seq_len=16, batch_size=4, seed=3)
+    for _ in range(5):
+        full.next()
+    state = full.state_dict()
+    x1, y1 = full.next()
+    resumed = TokenBatches(ids, seq_len=16, batch_size=4, seed=3)
+    resumed.load_state_dict(state)
+    x2, y2 = resumed.next()
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert x1.dtype == torch.long and torch.equal(y1[:, :-1], x1[:, 1:])  # y is x shifted by one
+    # two ranks of batch 2 see exactly one process's batch of 4, split in halves
+    one = TokenBatches(ids, 16, 4, seed=9).next()[0]
+    r0 = TokenBatches(ids, 16, 2, seed=9, rank=0, world_size=2).next()[0]
+    r1 = TokenBatches(ids, 16, 2, seed=9, rank=1, world_size=2).next()[0]
+    assert torch.equal(torch.cat([r0, r1]), one)
+
+
+def test_instruction_batches_mask_the_prompt_and_resume():
+    tok = byte_tokenizer()
+    records = [{"instruction": f"Say {i}.", "input": "" if i % 2 else "ctx", "output": f"{i} " * (i + 1)}
+               for i in range(10)]
+    x, y = data.alpaca_example(records[1], tok, seq_len=512)
+    prompt = tok.encode(data.ALPACA_PROMPT.format(instruction="Say 1."))
+    assert x == prompt + tok.encode("1 1 ", bos=False) and len(y) == len(x)
+    assert y == [-100] * (len(prompt) - 1) + tok.encode("1 1 ", bos=False, eos=True)  # response + EOS only
+    a = InstructBatches(records, tok, 256, 3, seed=0)
+    b = InstructBatches(records, tok, 256, 3, seed=0)
+    for _ in range(4):  # past an epoch boundary
+        a.next()
+    b.load_state_dict(a.state_dict())
+    for _ in range(3):
+        (xa, ya), (xb, yb) = a.next(), b.next()
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert (ya != -100).any() and (ya[xa == 257] == -100).all()  # padding never carries loss
+
+
+def test_a_malformed_instruction_line_is_named_by_file_and_line(tmp_path):
+    path = tmp_path / "instr.jsonl"
+    good = '{"instruction": "Say hi.", "output": "hi"}\n'
+    path.write_text(good + "\n" + '{"instruction": "cut off\n')
+    with pytest.raises(UserError, match=r"^.*instr\.jsonl:3 is not a JSON line; fix or remove it$"):
+        data.read_instructions(path)
+    path.write_text(good + '{"instruction": "no output"}\n')
+    with pytest.raises(UserError, match=r"instr\.jsonl:2: an instruction record needs 'instruction' and 'output'"):
+        data.read_instructions(path)
+    path.write_text(good + '["a list"]\n')
+    with pytest.raises(UserError, match=r"instr\.jsonl:2: an instruction record needs"):
+        data.read_instructions(path)
+    path.write_text("\n\n")
+    with pytest.raises(UserError, match="holds no records"):
+        data.read_instructions(path)
+    path.write_text("{oops\n" + good)  # through --data: the first line decides the kind, and is checked too
+    with pytest.raises(UserError, match=r"instr\.jsonl:1 is not a JSON line"):
+        data.training_batches(str(path), tmp_path, byte_tokenizer(), 16, 2, seed=0)
+    path.write_text(good + "{oops\n")
+    with pytest.raises(UserError, match=r"instr\.jsonl:2 is not a JSON line"):
+        data.training_batches(str(path), tmp_path, byte_tokenizer(), 16, 2, seed=0)
+
+
+def test_training_batches_pick_instructions_or_token_windows(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the token cache goes to ./cache
+    tok = byte_tokenizer()
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "a.txt").write_text("plain text, long enough for a few windows. " * 5)
+    (tmp_path / "docs.jsonl").write_text('{"text": "a document with a text field, long enough."}\n' * 3)
+    (tmp_path / "instr.jsonl").write_text(
+        "".join(f'{{"instruction": "Say {i}.", "output": "{i}"}}\n' for i in range(4)))
+    instruct = data.training_batches("instr.jsonl", tmp_path, tok, 32, 2, seed=0)  # under --data-dir
+    assert isinstance(instruct, InstructBatches) and len(instruct.records) == 4 and instruct.seq_len == 32
+    for spec in ("text", str(tmp_path / "docs.jsonl"), f"{tmp_path / 'docs.jsonl'},{tmp_path / 'text' / 'a.txt'}"):
+        batches = data.training_batches(spec, tmp_path, tok, 16, 2, seed=0, rank=1, world_size=2)
+        assert isinstance(batches, TokenBatches), spec
+        assert (batches.seq_len, batches.batch_size, batches.rank, batches.world_size) == (16, 2, 1, 2)
+        x, y = batches.next()
+        assert x.shape == y.shape == (2, 16)
+    assert data.training_batches("text", tmp_path, tok, 16, 2, seed=0).ids.tolist() == tok.encode(
+        (tmp_path / "text" / "a.txt").read_text(), bos=False, eos=True)
+    with pytest.raises(UserError, match="--data .*missing.jsonl not found"):
+        data.training_batches("missing.jsonl", tmp_path, tok, 16, 2, seed=0)
+
+
+# ----------------------------------------------------------------------------- calibration windows
+
+def test_calibration_windows_follow_the_official_sampler(tmp_path):
+    class ByteTokenizer:
+        add_bos = False
+
+        def encode(self, text, bos=None, eos=False):
+            return list(text.encode())
+
+    docs = ["short", "x" * 10, "abcdefghijklmnopqrstuvwxyz" * 3, "0123456789" * 5]
+    path = tmp_path / "c4.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    calib = data.calibration_windows(ByteTokenizer(), [path], nsamples=6, seq_len=20, seed=0)
+    assert calib.shape == (6, 20)
+    for row in calib.tolist():  # every window is a slice of a document longer than the window
+        s = bytes(row).decode()
+        assert any(s in d and len(d) > 20 for d in docs)
+    assert torch.equal(calib, data.calibration_windows(ByteTokenizer(), [path], nsamples=6, seq_len=20, seed=0))
+    assert not torch.equal(calib, data.calibration_windows(ByteTokenizer(), [path], nsamples=6, seq_len=20, seed=1))
+    with pytest.raises(UserError, match="longer than"):
+        data.calibration_windows(ByteTokenizer(), [path], nsamples=2, seq_len=100)
+
+
+def test_c4_paths_names_the_files_it_wants(tmp_path):
+    with pytest.raises(UserError, match=r"no C4 calibration text at .*redpajama-c4-rp\*\.jsonl"):
+        data.c4_paths(tmp_path)
+    (tmp_path / "text").mkdir()
+    for name in ("redpajama-c4-rp2.jsonl", "redpajama-c4-rp1.jsonl", "other.jsonl"):
+        (tmp_path / "text" / name).write_text("")
+    assert [p.name for p in data.c4_paths(tmp_path)] == ["redpajama-c4-rp1.jsonl", "redpajama-c4-rp2.jsonl"]

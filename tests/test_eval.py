@@ -11,7 +11,10 @@ import torch
 import torch.nn.functional as F
 
 import eval as ev
-from model import ModelArgs, Transformer, UserError
+from cli import UserError, cli_main
+from data import wikitext2_text
+from model import ModelArgs, Transformer
+from tokenizer import SentencePieceTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -280,7 +283,7 @@ def test_perplexity_windows_bos_once_and_tail_dropped():
     assert windows[0, 0] == tok.bos_id and (windows[1:, 0] != tok.bos_id).all()
     assert ev.perplexity_protocol(tok, text, 16, limit=2, bos=False) == {"tokens": 60, "windows": 2,
                                                                          "seq_len": 16, "bos": False}
-    with pytest.raises(UserError, match="fewer than --seq-len"):
+    with pytest.raises(UserError, match="fewer than --ppl-seq-len"):
         ev.perplexity_windows(tok, "abc", seq_len=16)
 
 
@@ -321,13 +324,14 @@ def test_window_nlls_match_float64():
 
 
 def test_wikitext2_protocol_with_llama2_tokenizer(data_dir):
-    """eval.md's numbers: Llama 2 tokenizer + one BOS = 341,469 tokens, 83 windows of 4096, 166 of 2048."""
-    from data import wikitext2_text
-    from tokenizer import SentencePieceTokenizer
+    """The literature's numbers: Llama 2 tokenizer + one BOS = 341,469 tokens, 83 windows of 4096, 166 of 2048."""
     tok = SentencePieceTokenizer((data_dir / "tokenizers" / "llama2" / "tokenizer.model").read_bytes())
     text = wikitext2_text(data_dir)
     assert ev.perplexity_protocol(tok, text, 4096) == {"tokens": 341469, "windows": 83, "seq_len": 4096, "bos": True}
     assert ev.perplexity_protocol(tok, text, 2048)["windows"] == 166
+    ppl = ev.WikiText2(tok, data_dir, 2048, windows=8)
+    assert ppl.describe() == "WikiText-2 test, seq-len 2048, first 8 of 166 windows, BOS yes"
+    assert ev.WikiText2(tok, data_dir, 4096).protocol == ev.perplexity_protocol(tok, text, 4096)
 
 
 # ---------------------------------------------------------------- bad input
@@ -365,3 +369,57 @@ def test_cli_exit_status_and_single_line(tmp_path):
     r = subprocess.run([sys.executable, "eval.py", "--tasks", "rte", "--data-dir", str(tmp_path), "--ckpt", "x"],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: ")
+
+
+def write_piqa(data_dir, n):
+    (data_dir / "tasks").mkdir(parents=True, exist_ok=True)
+    records = [{"goal": f"Goal {i}", "sol1": "twist the lid", "sol2": "ab yes", "label": i % 2} for i in range(n)]
+    (data_dir / "tasks" / "piqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_cli_json_into_a_missing_directory_fails_before_loading(tmp_path, monkeypatch, capsys):
+    write_piqa(tmp_path, 2)
+    monkeypatch.setattr(ev, "load", lambda *a, **k: pytest.fail("loaded the model before checking --json"))
+    target = tmp_path / "no" / "such" / "results.json"
+    with pytest.raises(SystemExit) as e:
+        cli_main(lambda: ev.main(["--tasks", "piqa", "--data-dir", str(tmp_path), "--json", str(target)]))
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1 and err.startswith("error: ")
+    assert str(target.parent) in err and not target.parent.exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ppl-seq-len", "0"], "--ppl-seq-len 0: must be positive"),
+    (["--ppl-windows", "-1"], "--ppl-windows -1: must be 0 (all windows) or more"),
+])
+def test_cli_bad_perplexity_flags_end_in_one_line(argv, message, monkeypatch, capsys):
+    monkeypatch.setattr(ev, "load", lambda *a, **k: pytest.fail("loaded the model before checking the flags"))
+    with pytest.raises(SystemExit) as e:
+        cli_main(lambda: ev.main(["--tasks", "wikitext2", *argv]))
+    assert e.value.code == 1 and capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_cli_limit_is_task_records_and_ppl_windows_is_windows(tmp_path, monkeypatch):
+    """--limit cuts each zero-shot task, never the WikiText-2 windows; --ppl-windows cuts those."""
+    tok = StubTokenizer()
+    model = tiny_transformer(vocab=tok.vocab_size)
+    monkeypatch.setattr(ev, "load", lambda *a, **k: (model, tok))
+    (tmp_path / "wikitext-2-raw").mkdir()
+    (tmp_path / "wikitext-2-raw" / "wiki.test.raw").write_text(" = Title = \n \n the cat sat on the mat . \n" * 10)
+    write_piqa(tmp_path, 3)
+
+    def run(*flags):
+        ev.main(["--tasks", "wikitext2,piqa", "--data-dir", str(tmp_path), "--ppl-seq-len", "16", "--device", "cpu",
+                 "--json", str(tmp_path / "r.json"), *flags])
+        return json.loads((tmp_path / "r.json").read_text())
+
+    every = run()
+    windows = every["results"]["wikitext2"]["n"]
+    assert windows == every["results"]["wikitext2"]["protocol"]["tokens"] // 16 > 2
+    assert every["results"]["piqa"]["n"] == 3
+    limited = run("--limit", "1")
+    assert limited["results"]["wikitext2"]["n"] == windows and limited["results"]["piqa"]["n"] == 1
+    assert limited["results"]["wikitext2"]["ppl"] == every["results"]["wikitext2"]["ppl"]
+    cut = run("--ppl-windows", "2")
+    assert cut["results"]["wikitext2"]["n"] == 2 and cut["results"]["piqa"]["n"] == 3
+    assert cut["protocol"]["ppl_windows"] == 2 and cut["protocol"]["limit"] is None

@@ -204,7 +204,7 @@ def byte_tokenizer():
 
 def test_merged_checkpoint_loads_and_runs_at_the_smaller_width(tmp_path):
     import checkpoint
-    from model import load
+    from checkpoint import load
     pat = PAT(tiny(tie=True, eps=1e-2), ratio=0.25, milestone=10, hsm_rank=8, lora_rank=4)
     randomize(pat)
     hard_mask(pat)
@@ -221,38 +221,19 @@ def test_merged_checkpoint_loads_and_runs_at_the_smaller_width(tmp_path):
     assert len(model.generate([256, 72, 105], 5)) == 5
 
 
-def test_instruction_batches_mask_the_prompt_and_resume():
-    tok = byte_tokenizer()
-    records = [{"instruction": f"Say {i}.", "input": "" if i % 2 else "ctx", "output": f"{i} " * (i + 1)}
-               for i in range(10)]
-    x, y = train_pat.alpaca_example(records[1], tok, seq_len=512)
-    prompt = tok.encode(train_pat.ALPACA_PROMPT.format(instruction="Say 1."))
-    assert x == prompt + tok.encode("1 1 ", bos=False) and len(y) == len(x)
-    assert y == [-100] * (len(prompt) - 1) + tok.encode("1 1 ", bos=False, eos=True)  # response + EOS only
-    a = train_pat.InstructBatches(records, tok, 256, 3, seed=0)
-    b = train_pat.InstructBatches(records, tok, 256, 3, seed=0)
-    for _ in range(4):  # past an epoch boundary
-        a.next()
-    b.load_state_dict(a.state_dict())
-    for _ in range(3):
-        (xa, ya), (xb, yb) = a.next(), b.next()
-        assert torch.equal(xa, xb) and torch.equal(ya, yb)
-    assert (ya != -100).any() and (ya[xa == 257] == -100).all()  # padding never carries loss
-
-
 def test_train_resumes_exactly_and_writes_the_merged_model(tmp_path, data_dir, monkeypatch):
     """train_pat.main end to end on a tiny checkpoint: a run interrupted after a checkpoint and resumed
     ends bit-identical to an uninterrupted one; the milestone falls inside the resumed part."""
     import checkpoint
     import training
-    from model import load
+    from checkpoint import load
     checkpoint.save(tiny(tie=True), byte_tokenizer(), tmp_path / "tiny")
     text = tmp_path / "train.txt"
     text.write_text(" ".join(f"word{i % 37} is number {i}." for i in range(3000)))
     monkeypatch.chdir(tmp_path)  # the token cache goes to ./cache
     common = ["--ckpt", str(tmp_path / "tiny"), "--data", str(text), "--data-dir", str(data_dir),
               "--max-steps", "6", "--milestone", "4", "--batch-size", "2", "--seq-len", "32",
-              "--eval-windows", "1", "--eval-seq-len", "64", "--hsm-rank", "4", "--lora-rank", "4",
+              "--ppl-windows", "1", "--ppl-seq-len", "64", "--hsm-rank", "4", "--lora-rank", "4",
               "--warmup-steps", "1", "--ckpt-interval", "3", "--log-interval", "1"]
     train_pat.main(common + ["--out", "full"])
     save = training.save_state
@@ -265,6 +246,7 @@ def test_train_resumes_exactly_and_writes_the_merged_model(tmp_path, data_dir, m
         train_pat.main(common + ["--out", "resumed"])
     monkeypatch.setattr(training, "save_state", save)
     train_pat.main(common + ["--out", "resumed", "--resume"])
+    assert open("full/log.jsonl").read() == open("resumed/log.jsonl").read()  # record for record
     full, resumed = training.load_state("full/state.pt"), training.load_state("resumed/state.pt")
     assert full["step"] == resumed["step"] == 6 and bool(full["pat"]["hard"])
     for key, value in full["pat"].items():

@@ -1,13 +1,15 @@
 """Masks, the three pruning criteria against brute-force definitions, SparseGPT's invariants, and the
 sequential pipeline on a tiny Llama."""
 import copy
-import json
+import shutil
 
 import pytest
 import torch
 
+import checkpoint
 import sparsity as sp
-from model import ModelArgs, Transformer, UserError
+from cli import UserError, cli_main
+from model import ModelArgs, Transformer
 
 
 def tiny_model(seed=0, **overrides):
@@ -185,7 +187,7 @@ def test_prunable_linears_are_the_seven_projections():
     assert not any("embeddings" in n or "norm" in n or n == "output" for n in names)
     assert list(sp.prunable_linears(model, "1,w1,w2")) == ["layers.1.feed_forward.w1", "layers.1.feed_forward.w2"]
     assert len(sp.prunable_linears(model, "0-1")) == 14
-    for bad in ["7", "wz", "1-x"]:
+    for bad in ["7", "wz", "1-x", "1-0", "attention.wq"]:
         with pytest.raises(UserError):
             sp.prunable_linears(model, bad)
 
@@ -303,8 +305,6 @@ def test_indivisible_dim_is_a_clear_error_before_any_work():
 
 def test_cli_indivisible_dim_fails_before_reading_data(tmp_path, data_dir):
     """sparsity.py names the layer before the dense evaluation: the data dir given here is empty."""
-    import shutil
-    import checkpoint
     checkpoint.save(tiny_model(hidden_dim=100), None, tmp_path / "ck")
     shutil.copy(data_dir / "tokenizers" / "llama2" / "tokenizer.model", tmp_path / "ck")
     (tmp_path / "empty").mkdir()
@@ -313,29 +313,7 @@ def test_cli_indivisible_dim_fails_before_reading_data(tmp_path, data_dir):
                  "--data-dir", str(tmp_path / "empty"), "--device", "cpu"])
 
 
-def test_calibration_windows_follow_the_official_sampler(tmp_path):
-    class ByteTokenizer:
-        add_bos = False
-
-        def encode(self, text, bos=None, eos=False):
-            return list(text.encode())
-
-    docs = ["short", "x" * 10, "abcdefghijklmnopqrstuvwxyz" * 3, "0123456789" * 5]
-    path = tmp_path / "c4.jsonl"
-    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    calib = sp.calibration_windows(ByteTokenizer(), [path], nsamples=6, seq_len=20, seed=0)
-    assert calib.shape == (6, 20)
-    for row in calib.tolist():  # every window is a slice of a document longer than the window
-        s = bytes(row).decode()
-        assert any(s in d and len(d) > 20 for d in docs)
-    assert torch.equal(calib, sp.calibration_windows(ByteTokenizer(), [path], nsamples=6, seq_len=20, seed=0))
-    assert not torch.equal(calib, sp.calibration_windows(ByteTokenizer(), [path], nsamples=6, seq_len=20, seed=1))
-    with pytest.raises(UserError, match="longer than"):
-        sp.calibration_windows(ByteTokenizer(), [path], nsamples=2, seq_len=100)
-
-
 def test_saved_checkpoint_keeps_exact_zeros_and_masks(tmp_path):
-    checkpoint = pytest.importorskip("checkpoint")
     model = tiny_model()
     masks = sp.prune(model, "sparsegpt", "2:4", torch.randint(0, 256, (2, 16)), log=lambda *a, **k: None)
     checkpoint.save(model, None, tmp_path / "ck", masks=masks)
@@ -350,24 +328,56 @@ def test_saved_checkpoint_keeps_exact_zeros_and_masks(tmp_path):
         assert (modules[n].weight[~mask] == 0).all() and sp.check_nm(modules[n].weight, 2, 4)
 
 
-def test_cli_rejects_bad_input():
+def test_cli_rejects_bad_input(capsys, monkeypatch):
+    monkeypatch.setattr(sp, "load", lambda *a, **k: pytest.fail("loaded a model before checking the flags"))
     with pytest.raises(UserError, match="sparsity"):
         sp.main(["--sparsity", "5:4"])
-    with pytest.raises(UserError, match="method"):
+    with pytest.raises(SystemExit) as e:  # --method is a choice: argparse names the flag and the choices
         sp.main(["--method", "obs"])
+    assert e.value.code == 2 and "--method: invalid choice: 'obs'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ppl-seq-len", "0"], "--ppl-seq-len 0: must be positive"),
+    (["--ppl-windows", "-1"], "--ppl-windows -1: must be 0 (all windows) or more"),
+    (["--nsamples", "0"], "--nsamples 0: must be positive"),
+])
+def test_cli_bad_numbers_end_in_one_error_line_before_loading(argv, message, monkeypatch, capsys):
+    monkeypatch.setattr(sp, "load", lambda *a, **k: pytest.fail("loaded a model before checking the flags"))
+    with pytest.raises(SystemExit) as e:
+        cli_main(lambda: sp.main(argv))
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err == f"error: {message}\n"
+
+
+def test_cli_magnitude_on_a_tiny_checkpoint_prints_the_protocol(tmp_path, data_dir, capsys):
+    """The whole script on a tiny Llama: the perplexity protocol line reads as it always has, --ppl-windows
+    picks the windows, and the saved checkpoint keeps the masks and the protocol."""
+    checkpoint.save(tiny_model(vocab_size=32000), None, tmp_path / "ck")
+    shutil.copy(data_dir / "tokenizers" / "llama2" / "tokenizer.model", tmp_path / "ck")
+    (tmp_path / "data" / "wikitext-2-raw").mkdir(parents=True)
+    text = " = Tiny = \n\n The cat sat on the mat , and then it slept for a while . \n" * 20
+    (tmp_path / "data" / "wikitext-2-raw" / "wiki.test.raw").write_text(text)
+    res = sp.main(["--ckpt", str(tmp_path / "ck"), "--method", "magnitude", "--sparsity", "2:4", "--ppl-seq-len",
+                   "32", "--ppl-windows", "2", "--data-dir", str(tmp_path / "data"), "--device", "cpu",
+                   "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    windows = int(out.split(" of ")[1].split()[0])
+    protocol = f"WikiText-2 test, seq-len 32, first 2 of {windows} windows, BOS yes"
+    assert windows > 2 and f"({protocol}; " in out and f"magnitude 2:4 ppl {res['ppl']:.3f} ({protocol})" in out
+    assert 1 < res["dense_ppl"] and 1 < res["ppl"]
+    assert len(checkpoint.load_masks(tmp_path / "out")) == 14
 
 
 @pytest.mark.slow
 def test_cli_on_smollm2_end_to_end(tmp_path, data_dir):
     """The real model through the CLI on two blocks: pattern verified, checkpoint loads with its zeros and masks."""
-    import checkpoint
-    from model import load
     out = tmp_path / "wanda24"
     res = sp.main(["--ckpt", "smollm2-135m", "--method", "wanda", "--sparsity", "2:4", "--nsamples", "2",
-                   "--calib-len", "128", "--seq-len", "256", "--limit", "1", "--layers", "0-1",
+                   "--calib-len", "128", "--ppl-seq-len", "256", "--ppl-windows", "1", "--layers", "0-1",
                    "--data-dir", str(data_dir), "--device", "cpu", "--out", str(out)])
     assert 1 < res["dense_ppl"] < res["ppl"] < 1e4
-    model, _ = load(str(out))
+    model, _ = checkpoint.load(str(out))
     masks = checkpoint.load_masks(out)
     assert len(masks) == 14
     modules = dict(model.named_modules())

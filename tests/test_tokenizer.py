@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+from checkpoint import fetch_smollm2
 from tokenizer import LLAMA3_PATTERN, SentencePieceTokenizer, llama3_tokenizer, load_tokenizer
 
 
@@ -57,7 +58,6 @@ def test_smollm2_gguf_bpe_equals_huggingface(smollm2, data_dir, tmp_path):
     """
     transformers = pytest.importorskip("transformers")
     from tokenizers import pre_tokenizers
-    from checkpoint import fetch_smollm2
     _, tok = smollm2
     path = fetch_smollm2()
     hf = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)

@@ -1,14 +1,14 @@
 """Shared training machinery: schedule, flags, atomic checkpoints, exact data resume."""
 import json
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
 
 import training
-from training import TrainArgs, TokenBatches, lr_at, parse_config
+from cli import Progress, UserError
+from training import TrainArgs, lr_at
 
 
 def test_lr_schedule_warmup_then_cosine_to_min():
@@ -20,25 +20,6 @@ def test_lr_schedule_warmup_then_cosine_to_min():
     assert lrs[110] == pytest.approx(1e-4)  # ends at min_lr_ratio * lr
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # monotone decay
     assert lr_at(500, args) == pytest.approx(1e-4)  # past the end: stays at the floor
-
-
-@dataclass
-class _Args(TrainArgs):
-    alpha: float = 0.5
-    slorb_k: int = 0
-    note: str | None = None
-    out: str = "out/test"
-
-
-def test_parse_config_one_flag_per_field():
-    a = parse_config(_Args, ["--max-steps", "7", "--lr", "3e-4", "--compile", "--alpha", "0",
-                             "--slorb-k", "16", "--data-dir", "/d", "--no-resume"])
-    assert (a.max_steps, a.lr, a.compile, a.alpha, a.slorb_k, a.data_dir) == (7, 3e-4, True, 0.0, 16, "/d")
-    assert isinstance(a.alpha, float) and a.resume is False and a.out == "out/test" and a.note is None
-    b = parse_config(_Args, ["--resume", "--no-compile"])
-    assert b.resume is True and b.compile is False and b.max_steps == TrainArgs.max_steps
-    with pytest.raises(SystemExit):
-        parse_config(_Args, ["--compile", "False"])  # no argparse type=bool trap: a bool flag takes no value
 
 
 def test_save_state_is_atomic_and_loads_weights_only(tmp_path, monkeypatch):
@@ -65,35 +46,15 @@ def test_rng_state_round_trip(tmp_path):
     assert a[0] == b[0] and torch.equal(a[1], b[1]) and a[2] == b[2]
 
 
-def test_token_batches_resume_exactly_and_shard_by_rank():
-    ids = np.arange(10_000, dtype=np.uint32)
-    full = TokenBatches(ids, seq_len=16, batch_size=4, seed=3)
-    for _ in range(5):
-        full.next()
-    state = full.state_dict()
-    x1, y1 = full.next()
-    resumed = TokenBatches(ids, seq_len=16, batch_size=4, seed=3)
-    resumed.load_state_dict(state)
-    x2, y2 = resumed.next()
-    assert torch.equal(x1, x2) and torch.equal(y1, y2)
-    assert x1.dtype == torch.long and torch.equal(y1[:, :-1], x1[:, 1:])  # y is x shifted by one
-    # two ranks of batch 2 see exactly one process's batch of 4, split in halves
-    one = TokenBatches(ids, 16, 4, seed=9).next()[0]
-    r0 = TokenBatches(ids, 16, 2, seed=9, rank=0, world_size=2).next()[0]
-    r1 = TokenBatches(ids, 16, 2, seed=9, rank=1, world_size=2).next()[0]
-    assert torch.equal(torch.cat([r0, r1]), one)
-
-
 def test_log_plot_progress_and_nan_stop(tmp_path):
     log = training.JsonlLog(tmp_path / "log.jsonl")
     for step in (10, 20, 20):  # a resumed run may log a step twice; the last one wins in the plot
         log.log({"step": step, "loss": 1.0 / step})
     assert [json.loads(l)["step"] for l in open(tmp_path / "log.jsonl")] == [10, 20, 20]
     training.plot_log(tmp_path / "log.jsonl", tmp_path / "log.png", ["loss", "missing"])
-    p = training.Progress(total_steps=100)
-    line = p.line(10, tokens=1000, lr=1e-4, loss=2.5, kl=None)
-    assert line.startswith("step 10/100 | loss 2.5 |") and "tok/s" in line and "ETA" in line
-    from model import UserError
+    p = Progress("step", 100)
+    line = p.line(10, tokens=1000, loss=2.5, kl=None, lr=1e-4)
+    assert line.startswith("step 10/100 | loss 2.5 lr 0.0001 |") and "tok/s" in line and "ETA" in line
     with pytest.raises(UserError, match="loss is nan at step 7; last good checkpoint: out/x/state.pt"):
         training.check_finite(torch.tensor(math.nan), 7, "out/x/state.pt")
     training.check_finite(torch.tensor(1.0), 7, None)
