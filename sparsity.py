@@ -32,8 +32,8 @@ import torch
 import torch.nn as nn
 
 from checkpoint import load, save
-from cli import (DTYPES, Device, DType, UserError, cli_main, parse_config, peak_memory_gb, reset_peak_memory,
-                 resolve_device)
+from cli import (DTYPES, Device, DType, UserError, check_output_dir, cli_main, parse_config, peak_memory_gb,
+                 reset_peak_memory, resolve_device)
 from data import c4_paths, calibration_windows, resolve_data_dir
 from eval import WikiText2
 from model import PROJECTIONS
@@ -50,6 +50,7 @@ class Config:
     method: Method = "wanda"  # pruning criterion
     sparsity: str = "2:4"  # N:M (2:4, 4:8) or a pruned fraction (0.5)
     out: str | None = None  # directory for the pruned checkpoint (weights with exact zeros + masks)
+    overwrite: bool = False  # write into a --out that already holds files
     nsamples: int = 128  # calibration windows (Wanda, SparseGPT)
     calib_len: int = 2048  # tokens per calibration window
     ppl_seq_len: int = 2048  # WikiText-2 perplexity window length
@@ -459,6 +460,7 @@ def main(argv=None):
     cfg = parse_config(Config, argv)
     sparsity = parse_sparsity(cfg.sparsity)
     device, data_dir = resolve_device(cfg.device), resolve_data_dir(cfg.data_dir)
+    out = check_output_dir(cfg.out, cfg.overwrite) if cfg.out else None  # before the work, not after it
     model, tokenizer = load(cfg.ckpt, device=device, dtype=DTYPES[cfg.dtype])
     check_fits(prunable_linears(model, cfg.layers), sparsity)  # before the dense evaluation, not after it
     results = {"method": cfg.method, "sparsity": sparsity_str(sparsity)}
@@ -477,20 +479,20 @@ def main(argv=None):
                   percdamp=cfg.percdamp, report=report)
     results.update(report, peak_memory_gb=peak_memory_gb(device))
     verify(model, masks, sparsity)
-    print(f"verified {sparsity_str(sparsity)} on {len(masks)} layers", flush=True)
     work = f", {cfg.method}'s own work {report['method_s']:.1f}s" if cfg.method != "magnitude" else ""
     ratio = f" ({report['method_s'] / report['forward_s']:.2f}x the forward time)" if report["forward_s"] > 0 else ""
-    print(f"{cfg.method} {sparsity_str(sparsity)}: {report['total_s']:.1f}s total, block forwards "
+    print(f"verified {sparsity_str(sparsity)} on {len(masks)} layers; {cfg.method} {sparsity_str(sparsity)}: "
+          f"{report['total_s']:.1f}s total, block forwards "
           f"{report['forward_s']:.1f}s{work}{ratio}; peak memory {results['peak_memory_gb']:.2f} GB "
           f"({'GPU allocated' if device.type == 'cuda' else 'process RSS'})", flush=True)
     if ppl is not None:
         results["ppl"] = ppl(model)
         print(f"{cfg.method} {sparsity_str(sparsity)} ppl {results['ppl']:.3f} ({ppl.describe()})", flush=True)
-    if cfg.out:
+    if out:
         meta = {"pruning": dict(results, nsamples=cfg.nsamples, calib_len=cfg.calib_len, seed=cfg.seed,
                                 layers=cfg.layers, ckpt=cfg.ckpt, protocol=ppl and ppl.describe())}
-        save(model, tokenizer, cfg.out, masks={k: v.cpu() for k, v in masks.items()}, meta=meta)
-        print(f"saved {cfg.out}", flush=True)
+        save(model, tokenizer, out, masks={k: v.cpu() for k, v in masks.items()}, meta=meta)
+        print(f"saved {out}", flush=True)
     return results
 
 

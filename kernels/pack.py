@@ -22,7 +22,7 @@ import torch
 
 import checkpoint
 import packed
-from cli import DTYPES, DType, UserError, atomic_write, cli_main, parse_config
+from cli import DTYPES, DType, UserError, atomic_write, check_output_dir, cli_main, parse_config
 from model import PROJECTIONS
 
 # files of a checkpoint directory that the packed form replaces (masks = positions, recoverable)
@@ -39,6 +39,7 @@ class PackConfig:
     bits: Literal[0, 4] = 0  # 0: kept values stored exactly, in their dtype; 4: 4-bit group quantization
     group_size: int = 128  # kept values per quantization group (--bits 4)
     dtype: DType | None = None  # weight dtype all float tensors are cast to first; None keeps the checkpoint's
+    overwrite: bool = False  # write into a non-empty --out (its model.safetensors and masks go: no mixed folder)
 
 
 def check_paths(cfg: PackConfig) -> tuple[Path, Path]:
@@ -47,14 +48,13 @@ def check_paths(cfg: PackConfig) -> tuple[Path, Path]:
         raise UserError("--ckpt is required: a 2:4 checkpoint directory in our format")
     if not cfg.out:
         raise UserError("--out is required: the directory to write the packed checkpoint to")
-    ckpt, out = Path(cfg.ckpt), Path(cfg.out)
+    ckpt, out = checkpoint.resolve(cfg.ckpt), Path(cfg.out)  # a name or a path, as everywhere
     if not (ckpt / "model.safetensors").is_file():
-        raise UserError(f"--ckpt {ckpt}: no model.safetensors; kernels.pack takes a 2:4 checkpoint in our format "
-                        "(written by sparsity.py / train_ast.py)")
+        raise UserError(f"--ckpt {cfg.ckpt}: no model.safetensors at {ckpt}; kernels.pack takes a 2:4 checkpoint "
+                        f"in our format: prune first (python sparsity.py --ckpt {cfg.ckpt} --sparsity 2:4 --out DIR)")
     if out.resolve() == ckpt.resolve():
         raise UserError("--out must differ from --ckpt")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: is a file; --out is the directory to write the packed checkpoint to")
+    check_output_dir(out, cfg.overwrite)
     return ckpt, out
 
 
@@ -97,7 +97,8 @@ def pack_checkpoint(cfg: PackConfig) -> dict:
     if not names:
         raise UserError(f"--ckpt {ckpt}: no masks.safetensors and no layers.N projection weights to pack")
     tensors, layout = packed.pack_state_dict(state, names, masks, cfg.bits, cfg.group_size)
-    out.mkdir(parents=True, exist_ok=True)
+    for name in REPLACED_FILES:  # --overwrite of an old checkpoint: load() must not read its dense weights
+        (out / name).unlink(missing_ok=True)
     packed.save_packed(tensors, layout, out / packed.PACKED_FILE)
     for f in sorted(ckpt.iterdir()):  # params.json, tokenizer files, meta.json: copied as they are
         if f.is_file() and f.name not in REPLACED_FILES:

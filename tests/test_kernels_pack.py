@@ -131,7 +131,7 @@ def test_pack_flags(tmp_path, cli_error, capsys):
     bad = {"--ckpt is required": ["--out", str(tmp_path / "o")],
            "--out is required": ["--ckpt", str(ckpt)],
            "--out must differ from --ckpt": ["--ckpt", str(ckpt), "--out", str(ckpt)],
-           r"--out .*a_file: is a file": ["--ckpt", str(ckpt), "--out", str(tmp_path / "a_file")],
+           r"--out .*a_file is a file": ["--ckpt", str(ckpt), "--out", str(tmp_path / "a_file")],
            "--group-size 0: must be positive": ["--ckpt", str(ckpt), "--out", str(tmp_path / "o"),
                                                 "--bits", "4", "--group-size", "0"]}
     for message, argv in bad.items():
@@ -169,3 +169,21 @@ def test_pack_real_smollm2(tmp_path, smollm2):
         else:  # per-weight bound is tested above; this only guards against a broken layer (measured 0.41)
             assert (got - ref).norm() / ref.norm() < 0.6
             assert report["linear_compression_vs_fp32"] > 10
+
+
+def test_pack_never_leaves_a_mixed_folder_and_takes_a_name(tmp_path, cli_error):
+    """An existing checkpoint folder as --out: refused; with --overwrite its dense weights go, so load() reads
+    the packed ones (before, it kept reading the old model.safetensors). A model name resolves like everywhere."""
+    ckpt, _ = make_2to4_checkpoint(tmp_path, tiny_model(seed=1))
+    old = tmp_path / "old"
+    checkpoint.save(tiny_model(seed=2), ByteTokenizer(), old)  # a different (dense) model
+    err = cli_error(lambda: pack.main(["--ckpt", str(ckpt), "--out", str(old)]))
+    assert "already holds" in err and "--overwrite" in err
+    pack.main(["--ckpt", str(ckpt), "--out", str(old), "--overwrite"])
+    assert not (old / "model.safetensors").exists()
+    packed_model, _ = load(old, tokenizer=False)
+    source, _ = load(ckpt, tokenizer=False)
+    for k, v in source.state_dict().items():
+        assert torch.equal(packed_model.state_dict()[k], v), k
+    err = cli_error(lambda: pack.main(["--ckpt", "llama9-1b", "--out", str(tmp_path / "x")]))
+    assert "checkpoints/llama9-1b" in err  # resolved as a name, not taken for a missing folder

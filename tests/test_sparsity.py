@@ -367,6 +367,15 @@ def test_cli_magnitude_on_a_tiny_checkpoint_prints_the_protocol(tmp_path, data_d
     assert windows > 2 and f"({protocol}; " in out and f"magnitude 2:4 ppl {res['ppl']:.3f} ({protocol})" in out
     assert 1 < res["dense_ppl"] and 1 < res["ppl"]
     assert len(checkpoint.load_masks(tmp_path / "out")) == 14
+    # a second run into the same --out is refused before any work, unless --overwrite
+    argv = ["--ckpt", str(tmp_path / "ck"), "--method", "magnitude", "--sparsity", "4:8", "--no-eval",
+            "--data-dir", str(tmp_path / "data"), "--device", "cpu", "--out", str(tmp_path / "out")]
+    before = (tmp_path / "out" / "model.safetensors").read_bytes()
+    with pytest.raises(UserError, match="already holds .*--overwrite"):
+        sp.main(argv)
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == before
+    sp.main(argv + ["--overwrite"])
+    assert checkpoint.load(tmp_path / "out", tokenizer=False)[0] is not None
 
 
 @pytest.mark.slow

@@ -58,3 +58,26 @@ def test_log_plot_progress_and_nan_stop(tmp_path):
     with pytest.raises(UserError, match="loss is nan at step 7; last good checkpoint: out/x/state.pt"):
         training.check_finite(torch.tensor(math.nan), 7, "out/x/state.pt")
     training.check_finite(torch.tensor(1.0), 7, None)
+
+
+def test_plot_log_axis_reference_lines_and_points_only_where_logged(tmp_path, monkeypatch):
+    """Perplexity on a log axis with the dense / one-shot lines, a marked milestone, and a value drawn only at
+    the steps that logged it (flip rates at mask updates, not carried between them)."""
+    import matplotlib.pyplot as plt
+    log = training.JsonlLog(tmp_path / "log.jsonl")
+    log.log({"step": 0, "ppl": 2420.0})
+    for step in range(1, 31):
+        log.log({"step": step, "loss": 1.0 / step, **({"flip_prev": 0.01 / step} if step % 10 == 0 else {}),
+                 **({"ppl": 300.0} if step == 30 else {})})
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    training.plot_log(tmp_path / "log.jsonl", tmp_path / "log.png", ["loss", "ppl", "flip_prev"],
+                      refs={"ppl": {"dense": 52.7, "one-shot": 2420.0}}, marks={"milestone": 12})
+    loss_ax, ppl_ax, flip_ax = figures[0].axes
+    assert ppl_ax.get_yscale() == "log" and loss_ax.get_yscale() == "linear"
+    horizontal = [line.get_ydata()[0] for line in ppl_ax.lines if len(set(line.get_ydata())) == 1
+                  and len(line.get_xdata()) == 2 and line.get_xdata()[0] == 0 and line.get_xdata()[1] == 1]
+    assert sorted(horizontal) == [52.7, 2420.0]
+    assert all(any(list(line.get_xdata()) == [12, 12] for line in ax.lines) for ax in figures[0].axes)
+    assert list(flip_ax.lines[0].get_xdata()) == [10, 20, 30]
+    assert (tmp_path / "log.png").stat().st_size > 0
