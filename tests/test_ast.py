@@ -355,3 +355,19 @@ def test_a_fresh_run_never_overwrites_a_run(tiny_run, monkeypatch):
     train_ast.main(run_args(tiny_run, out, "--max-steps", "3", "--no-eval", "--overwrite"))
     steps = [json.loads(line)["step"] for line in open(out / "log.jsonl")]
     assert steps == [0, 1, 2, 3]  # the new run alone, nothing of the old one spliced in
+
+
+def test_mask_interval_0_keeps_the_initial_mask(tiny_run, monkeypatch):
+    """The paper's fixed-mask ablation: no mask update ever, so the exported masks are the initial magnitude ones
+    (with --mask-interval 2 the same run changes them)."""
+    from checkpoint import load, load_masks
+    monkeypatch.chdir(tiny_run)
+    dense, _ = load(tiny_run / "tiny", tokenizer=False)
+    initial = magnitude_masks(dense)
+    train_ast.main(run_args(tiny_run, tiny_run / "fixed", "--mask-interval", "0", "--no-eval"))
+    fixed = load_masks(tiny_run / "fixed" / "final")
+    assert all(torch.equal(fixed[k], initial[k]) for k in initial)
+    assert '"flip_prev"' not in "".join(open(tiny_run / "fixed" / "log.jsonl").readlines()[1:])
+    train_ast.main(run_args(tiny_run, tiny_run / "adaptive", "--no-eval"))
+    adaptive = load_masks(tiny_run / "adaptive" / "final")
+    assert any(not torch.equal(adaptive[k], initial[k]) for k in initial)
