@@ -371,3 +371,36 @@ def test_mask_interval_0_keeps_the_initial_mask(tiny_run, monkeypatch):
     train_ast.main(run_args(tiny_run, tiny_run / "adaptive", "--no-eval"))
     adaptive = load_masks(tiny_run / "adaptive" / "final")
     assert any(not torch.equal(adaptive[k], initial[k]) for k in initial)
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared/data")
+def test_torchrun_ranks_agree_on_the_step_when_one_is_signalled(tiny_run, tmp_path):
+    """SIGTERM reaches rank 1 alone (in its third step); both ranks checkpoint after that step and stop, and the
+    resumed two-process run ends equal to an uninterrupted one."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os, signal, training\n"
+        "real, calls = training.StopRequest.requested, []\n"
+        "def requested(self, device):\n"
+        "    calls.append(1)\n"
+        "    if os.environ.get('RANK') == '1' and len(calls) == 3:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return real(self, device)\n"
+        "training.StopRequest.requested = requested\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{hook}{os.pathsep}{ROOT}"}
+
+    def torchrun(out, *extra, port):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                               "--master_port", str(port), str(ROOT / "train_ast.py"),
+                               *run_args(tiny_run, out, "--batch-size", "2", "--device", "cpu", "--no-eval"), *extra],
+                              cwd=tiny_run, env=env, capture_output=True, text=True, timeout=180)
+    stopped = torchrun(tmp_path / "run", port=29531)
+    assert stopped.returncode != 0 and "stopped by SIGTERM after step 3" in stopped.stderr
+    assert "stopped by a signal on another rank after step 3" in stopped.stderr
+    assert training.load_state(tmp_path / "run" / "state.pt")["step"] == 3
+    env["PYTHONPATH"] = str(ROOT)  # no more signals
+    assert torchrun(tmp_path / "run", "--resume", port=29532).returncode == 0
+    assert torchrun(tmp_path / "calm", port=29533).returncode == 0
+    a, b = weights(tmp_path / "calm"), weights(tmp_path / "run")
+    assert all(torch.equal(a[k], b[k]) for k in a)
