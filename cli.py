@@ -176,15 +176,18 @@ def check_output_file(path) -> Path:
     return path
 
 
-def check_output_dir(path, overwrite=False) -> Path:
-    """A directory to write results into: refused when it already holds files, unless --overwrite."""
+def check_output_dir(path, overwrite=False, resumable=False) -> Path:
+    """A directory to write results into: refused when it already holds files, unless --overwrite.
+    resumable: the script can also continue what is there (--resume), and the line says so."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"--out {path} is a file; --out is a directory")
     present = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
     if present and not overwrite:
+        what = (("continue that run with --resume, start over with --overwrite, or choose another --out") if resumable
+                else "choose another --out, or pass --overwrite to replace what this script writes there")
         raise UserError(f"--out {path} already holds {', '.join(present[:4])}{' ...' if len(present) > 4 else ''}: "
-                        f"choose another --out, or pass --overwrite to replace what this script writes there")
+                        f"{what}")
     return path
 
 

@@ -18,7 +18,6 @@ as an ordinary checkpoint (checkpoint.load, eval.py, checkpoint.export_hf read i
 """
 from __future__ import annotations
 
-import json
 import math
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -328,8 +327,9 @@ def make_optimizer(pat, args, device):
     return optimizer, [p for g in groups for p in g["params"]]
 
 
-def train_step(net, pat, optimizer, trainable, batches, step, args, device, amp, world_size, last_ckpt):
-    """One optimizer step over grad_accum micro-batches. Returns (log record, target tokens seen by all ranks)."""
+def train_step(net, pat, optimizer, trainable, batches, step, args, device, amp, world_size, last_ckpt, log_now):
+    """One optimizer step over grad_accum micro-batches. Returns (log record when `log_now`, else None; target
+    tokens seen by all ranks). The record's values are host syncs, so they are read only on logging steps."""
     lr = training.lr_at(step, args)
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_scale"]
@@ -354,6 +354,8 @@ def train_step(net, pat, optimizer, trainable, batches, step, args, device, amp,
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     pat.set_step(step + 1)
+    if not log_now:
+        return None, tokens
     record = {"step": step + 1, "loss": loss.item(), "task": task_sum, "lr": lr, "grad_norm": float(grad_norm),
               "open": pat.n_open_now()}
     if pat.prunes:
@@ -362,7 +364,7 @@ def train_step(net, pat, optimizer, trainable, batches, step, args, device, amp,
     return record, tokens
 
 
-def finish(pat, model, tokenizer, wikitext, args, step, log):
+def finish(pat, model, tokenizer, wikitext, args, step, log, ppl_before):
     """Merge into the narrower Llama, print before/after perplexity and size, save <out>/final/ and the plot."""
     out = Path(args.out)
     pat.eval()
@@ -379,9 +381,8 @@ def finish(pat, model, tokenizer, wikitext, args, step, log):
                     meta={"method": "pat", "ratio": args.ratio, "source": args.ckpt, "steps": step,
                           "ppl_wikitext2": ppl_merged, "ppl_windows": args.ppl_windows,
                           "ppl_seq_len": args.ppl_seq_len})
-    first_ppl = next((json.loads(line).get("ppl") for line in open(log.path) if '"ppl"' in line), None)
     training.plot_log(log.path, out / "log.png", ["loss", "task", "count_loss", "identity", "open", "tau", "ppl", "lr"],
-                      log_keys=("ppl", "tau"), refs={"ppl": {"before tuning": first_ppl, "merged": ppl_merged}},
+                      log_keys=("ppl", "tau"), refs={"ppl": {"before tuning": ppl_before, "merged": ppl_merged}},
                       marks={f"milestone s0 = {pat.milestone}": pat.milestone} if pat.prunes else None)
     print(f"merged model: {out / 'final'} (python eval.py --ckpt {out / 'final'}); log: {log.path}, plot: {out / 'log.png'}")
 
@@ -408,22 +409,22 @@ def main(argv=None):
     wikitext = WikiText2(tokenizer, data_dir, args.ppl_seq_len, args.ppl_windows) if args.eval else None
     optimizer, trainable = make_optimizer(pat, args, device)
 
-    step, last_ckpt, state_path = 0, None, out / "state.pt"
+    step, last_ckpt, state_path, ppl_before = 0, None, out / "state.pt", None
     log = training.JsonlLog(out / "log.jsonl")
     if resumed is not None:
         pat.load_trainable_state(resumed["pat"])
         optimizer.load_state_dict(resumed["optimizer"])
         batches.load_state_dict(resumed["data"])
         training.set_rng_state(resumed["rng"])
-        step, last_ckpt = resumed["step"], state_path
+        step, last_ckpt, ppl_before = resumed["step"], state_path, resumed.get("ppl_before")
     elif master:
         print(f"PAT on {args.ckpt}: dim {pat.dim} -> {pat.n_open} (ratio {args.ratio}), milestone {milestone}, "
               f"{sum(p.numel() for p in trainable):,} trainable parameters "
               f"({len(pat.lora)} LoRA, {len(pat.hsms)} HSMs), {count_params(model):,} in the model")
+        ppl_before = wikitext(model) if wikitext else None
         if wikitext:
-            ppl = wikitext(model)
-            print(f"WikiText-2 perplexity before tuning: {ppl:.3f}")
-            log.log({"step": 0, "ppl": ppl})
+            print(f"WikiText-2 perplexity before tuning: {ppl_before:.3f}")
+            log.log({"step": 0, "ppl": ppl_before})
 
     net = training.wrap(pat, device, world_size, compile=args.compile)
     progress = Progress("step", args.max_steps, start=step)
@@ -432,10 +433,11 @@ def main(argv=None):
     tokens_seen = 0
     with training.StopRequest() as stop:
         while step < args.max_steps:
+            log_now = master and ((step + 1) % args.log_interval == 0 or step + 1 == args.max_steps)
             record, tokens = train_step(net, pat, optimizer, trainable, batches, step, args, device, amp, world_size,
-                                        last_ckpt)
+                                        last_ckpt, log_now)
             step, tokens_seen = step + 1, tokens_seen + tokens
-            if master and (step % args.log_interval == 0 or step == args.max_steps):
+            if log_now:
                 log.log(record)
                 print(progress.line(step, tokens_seen, loss=record["loss"], task=record["task"], lr=record["lr"],
                                     open=record["open"]), flush=True)
@@ -449,12 +451,13 @@ def main(argv=None):
                 if master:
                     training.save_state(state_path, {"step": step, "pat": pat.trainable_state(),
                                                      "optimizer": optimizer.state_dict(), "data": batches.state_dict(),
-                                                     "rng": training.rng_state(), "args": asdict(args)})
+                                                     "rng": training.rng_state(), "ppl_before": ppl_before,
+                                                 "args": asdict(args)})
                 last_ckpt = state_path
             if stopping and step < args.max_steps:
                 stop.stop(step, args)
     if master:
-        finish(pat, model, tokenizer, wikitext, args, step, log)
+        finish(pat, model, tokenizer, wikitext, args, step, log, ppl_before)
     training.teardown()
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cli import DTYPES, Device, UserError, atomic_write, resolve_device
+from cli import DTYPES, Device, UserError, atomic_write, check_output_dir, resolve_device
 
 
 @dataclass
@@ -171,11 +171,8 @@ def open_run(args, rank=0):
             JsonlLog(out / "log.jsonl").keep_until(state["step"])
             print(f"resuming from {out / 'state.pt'} at step {state['step']}")
         return state
-    present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    if present and not args.overwrite:
-        raise UserError(f"--out {out} already holds {', '.join(present[:4])}{' ...' if len(present) > 4 else ''}: "
-                        f"continue that run with --resume, start over with --overwrite, or choose another --out")
-    if present and rank == 0:
+    check_output_dir(out, args.overwrite, resumable=True)
+    if args.overwrite and rank == 0:
         for name in RUN_FILES:
             path = out / name
             if path.is_dir():
