@@ -3,7 +3,7 @@ Pruning-Aware Tuning (PAT, Liu et al., AAAI 2025, arXiv 2408.14721): fine-tune a
 trainable mask, shared by Hybrid Sparsification Modules (HSMs) on every write into the residual stream,
 learns which hidden channels to drop; then merge everything into a plain, narrower Llama (dim d -> d').
 
-    python train_pat.py                                    # CPU demo on SmolLM2-135M (about 3 minutes on 2 cores)
+    python train_pat.py                                    # CPU demo on SmolLM2-135M (about a minute on 2 idle cores)
     python train_pat.py --ckpt llama2-7b --ratio 0.25 --max-steps 30000 --batch-size 8 --grad-accum 16 \
         --seq-len 256 --lr 5e-5 --ppl-windows 0            # the paper's recipe (LaMini, 3 epochs)
     torchrun --nproc_per_node 8 train_pat.py --ckpt llama2-7b ...
