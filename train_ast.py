@@ -258,14 +258,20 @@ def train_step(student, teacher, optimizer, batches, step, args, device, dtype, 
 
 
 def load_models(args, device, dtype):
-    """(student, teacher or None, tokenizer). The teacher is the frozen dense model, bf16 on GPU, no grads."""
-    student, tokenizer = checkpoint.load(args.ckpt, device="cpu" if args.fsdp else device)
+    """(student, teacher or None, tokenizer). The student starts from --init-mask's weights when given (a one-shot
+    checkpoint: SparseGPT's reconstructed weights, not only its masks), else from --ckpt; the teacher is always
+    the frozen dense --ckpt, bf16 on GPU, no grads."""
+    where = "cpu" if args.fsdp else device
+    student, tokenizer = checkpoint.load(args.init_mask or args.ckpt, device=where)
     teacher = None
     if args.alpha > 0:
         t_dtype = DTYPES[args.teacher_dtype] if args.teacher_dtype != "auto" else (
             torch.bfloat16 if device.type == "cuda" else dtype)
-        teacher, _ = checkpoint.load(args.ckpt, device="cpu" if args.fsdp else device, dtype=t_dtype, tokenizer=False)
+        teacher, _ = checkpoint.load(args.ckpt, device=where, dtype=t_dtype, tokenizer=False)
         teacher.eval().requires_grad_(False)
+        if args.init_mask and teacher.args != student.args:
+            raise UserError(f"--init-mask {args.init_mask} is not a pruned copy of --ckpt {args.ckpt} "
+                            f"(model configs differ); prune --ckpt with sparsity.py and pass that --out")
     return student, teacher, tokenizer
 
 
@@ -402,7 +408,7 @@ def main(argv=None):
             parts = train_step(train_model, teacher, optimizer, batches, step, args, device, dtype, world_size, last_ckpt)
             done = step + 1
             record = {"step": done, **parts, "lr": training.lr_at(step, args), "lam": decay_at(step, args)}
-            if args.mask_interval and done % args.mask_interval == 0:  # flip rates exist only at mask updates
+            if args.mask_interval and done % args.mask_interval == 0 and done < args.max_steps:  # never after the last step: only trained masks are exported
                 flips = update_masks(layers, init_masks)
                 record.update(flip_prev=flips[0], flip_init=flips[1])
             if wikitext is not None and (args.eval_interval and done % args.eval_interval == 0 or done == args.max_steps):

@@ -373,6 +373,39 @@ def test_mask_interval_0_keeps_the_initial_mask(tiny_run, monkeypatch):
     assert any(not torch.equal(adaptive[k], initial[k]) for k in initial)
 
 
+def test_init_mask_starts_from_the_one_shot_checkpoints_weights_and_masks(tiny_run, monkeypatch):
+    """--init-mask out/sparsegpt24 starts at SparseGPT's perplexity (its reconstructed weights, not only its masks);
+    the teacher, and the dense reference line, stay the dense --ckpt."""
+    import checkpoint
+    import sparsity
+    from eval import WikiText2
+    monkeypatch.chdir(tiny_run)
+    model, tok = checkpoint.load(tiny_run / "tiny")
+    calib = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
+    masks = sparsity.prune(model, "sparsegpt", "2:4", calib, log=lambda *a, **k: None)
+    checkpoint.save(model, tok, tiny_run / "sparsegpt24", masks=masks)
+    wikitext = WikiText2(tok, tiny_run / "data", 32, 4)
+    dense, _ = checkpoint.load(tiny_run / "tiny", tokenizer=False)
+    dense_ppl = wikitext(dense)
+    sparsify(dense, masks)  # the old behaviour: dense weights under SparseGPT's masks
+    train_ast.main(run_args(tiny_run, tiny_run / "from_sparsegpt", "--init-mask", str(tiny_run / "sparsegpt24"),
+                            "--max-steps", "1"))
+    first = json.loads(open(tiny_run / "from_sparsegpt" / "log.jsonl").readline())
+    assert first["ppl"] == pytest.approx(wikitext(model), rel=1e-5)
+    assert first["dense_ppl"] == pytest.approx(dense_ppl, rel=1e-5)
+    masked_dense = wikitext(dense)
+    assert abs(first["ppl"] - masked_dense) > 1e-3 * masked_dense
+
+
+def test_no_mask_update_after_the_last_step(tiny_run, monkeypatch):
+    """--max-steps 6 with --mask-interval 2: updates after steps 2 and 4, none after 6 (the export would carry
+    flips no step ever trained)."""
+    monkeypatch.chdir(tiny_run)
+    train_ast.main(run_args(tiny_run, tiny_run / "last", "--no-eval"))
+    records = [json.loads(line) for line in open(tiny_run / "last" / "log.jsonl")]
+    assert [r["step"] for r in records if "flip_prev" in r and r["step"] > 0] == [2, 4]
+
+
 @pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared/data")
 def test_torchrun_ranks_agree_on_the_step_when_one_is_signalled(tiny_run, tmp_path):
     """SIGTERM reaches rank 1 alone (in its third step); both ranks checkpoint after that step and stop, and the
