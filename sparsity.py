@@ -11,12 +11,14 @@ unstructured (a ratio) or N:M semi-structured along the input dimension (2:4, 4:
   github.com/locuslab/wanda): score |W_ij| * ||X_j||_2, compared per output row; no weight update;
 - SparseGPT (Frantar & Alistarh 2023, "SparseGPT: Massive Language Models Can Be Accurately Pruned in
   One-Shot", §3, Alg. 1; github.com/IST-DASLab/sparsegpt): columns in blocks, the mask chosen by
-  w^2 / [H^-1]_jj^2 (§3.2; N:M §3.3), each pruned weight's error absorbed by the later columns (OBS update).
+  w^2 / [H^-1]_jj^2 (§3.2; N:M §3.3), each pruned weight's error absorbed by the later columns (OBS update);
+  its column walk is obs.py's, shared with GPTQ.
 
 Calibration is sequential, one decoder block at a time (as in the official code): the calibration windows
 are run through block l, its layers are pruned, and the windows are run through the pruned block again to
-become the inputs of block l+1; only one block's activations live at once, so a 7B model calibrates on one
-GPU. Where the papers leave room we do as the official code does:
+become the inputs of block l+1 (calibrate_blocks, which kernels.pack's GPTQ uses too); only one block's
+activations live at once, so a 7B model calibrates on one GPU. Where the papers leave room we do as the
+official code does:
 - the seven layers of a block are scored on the same block inputs (no "true sequential" inside a block);
 - magnitude's unstructured masks compare the whole layer, Wanda's each output row, SparseGPT's each
   (rows x 128) column block; N:M groups are runs of M inputs in each row for all three;
@@ -37,6 +39,7 @@ from cli import (DTYPES, Device, DType, UserError, check_output_dir, cli_main, p
 from data import c4_paths, calibration_windows, resolve_data_dir
 from eval import WikiText2
 from model import PROJECTIONS
+from obs import sparsegpt
 
 Method = Literal["magnitude", "wanda", "sparsegpt"]
 METHODS = get_args(Method)
@@ -174,76 +177,6 @@ def wanda_mask(weight: torch.Tensor, sq_norm: torch.Tensor, sparsity, name: str 
     return unstructured_mask(score, sparsity, per_row=True)
 
 
-@torch.no_grad()
-def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, sparsity, blocksize: int = 128,
-              percdamp: float = 0.01, name: str | None = None) -> "tuple[torch.Tensor, torch.Tensor]":
-    """SparseGPT (Frantar & Alistarh 2023, Alg. 1): prune column by column and let the later columns
-    absorb each pruned weight's error through the inverse Hessian (the OBS update).
-
-    hessian: H = (2/n) sum_t x_t x_t^T over the calibration tokens. Returns (new weight in weight.dtype,
-    mask). All math in fp32 with TF32 off, whatever the model dtype.
-    """
-    rows, cols = weight.shape
-    if isinstance(sparsity, tuple):
-        n, m = sparsity
-        if cols % m:
-            nm_mask(weight[:1], n, m, name=name)  # raises the clear error
-        blocksize = max(m, blocksize // m * m)  # an N:M group never straddles two blocks
-    tf32, threads = torch.backends.cuda.matmul.allow_tf32, torch.get_num_threads()
-    torch.backends.cuda.matmul.allow_tf32 = False
-    if weight.device.type == "cpu":  # ~10 tiny ops a column: thread hand-offs cost more than the math (15x, 2 busy cores)
-        torch.set_num_threads(1)
-    try:
-        W = weight.detach().float().clone()
-        H = hessian.detach().float().clone()
-        dead = torch.diag(H) == 0  # inputs that were always zero: their weights can go for free
-        H[dead, dead] = 1
-        W[:, dead] = 0
-        damp = percdamp * torch.mean(torch.diag(H))
-        Hinv = None
-        for attempt in range(4):  # H is PSD; rarely the damping is too small for fp32 Cholesky
-            L, info = torch.linalg.cholesky_ex(H + (damp * 10 ** attempt) * torch.eye(cols, device=H.device))
-            if info == 0:
-                Hinv = torch.cholesky_inverse(L)
-                Hinv, info = torch.linalg.cholesky_ex(Hinv, upper=True)  # upper factor of H^-1 (Eq. 5 note)
-                if info == 0:
-                    break
-        else:
-            raise UserError(f"{name or 'layer'}: SparseGPT's Hessian is not positive definite even with "
-                            f"{percdamp * 1000:g}x damping; use more calibration data (--nsamples)")
-        pruned = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
-        for i1 in range(0, cols, blocksize):
-            i2 = min(i1 + blocksize, cols)
-            W1 = W[:, i1:i2].clone()
-            ErrT = torch.zeros(i2 - i1, rows, device=W.device)  # transposed: each column's error is contiguous
-            Hinv1 = Hinv[i1:i2, i1:i2]
-            d = torch.diag(Hinv1)
-            mask1 = torch.zeros_like(W1, dtype=torch.bool)  # True = pruned
-            if not isinstance(sparsity, tuple):  # unstructured: choose over the whole rows x block
-                score = W1 ** 2 / d.unsqueeze(0) ** 2
-                k = int(score.numel() * sparsity)
-                mask1.view(-1)[torch.sort(score.view(-1), stable=True).indices[:k]] = True
-                scale = mask1 / d  # err = w / [H^-1]_jj where pruned, 0 where kept
-            else:
-                scale = torch.empty_like(W1)
-            for i in range(i2 - i1):
-                if isinstance(sparsity, tuple) and i % m == 0:  # N:M: decide the next group with updated W
-                    score = W1[:, i:i + m] ** 2 / d[i:i + m].unsqueeze(0) ** 2
-                    mask1.scatter_(1, i + torch.topk(score, m - n, dim=1, largest=False).indices, True)
-                    torch.div(mask1[:, i:i + m], d[i:i + m], out=scale[:, i:i + m])
-                torch.mul(W1[:, i], scale[:, i], out=ErrT[i])
-                W1[:, i:].addr_(ErrT[i], Hinv1[i, i:], alpha=-1)  # OBS update of the rest of the block
-            W[:, i1:i2] = W1  # pruned columns are ~0 here, exactly 0 below; kept ones got err = 0
-            pruned[:, i1:i2] = mask1
-            W[:, i2:] -= ErrT.T @ Hinv[i1:i2, i2:]  # the block's error, to all later columns at once
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        torch.set_num_threads(threads)
-    mask = ~pruned
-    W[pruned] = 0.0
-    return W.to(weight.dtype), mask
-
-
 # ----------------------------------------------------------------------------- sequential pruning, block by block
 
 @torch.no_grad()
@@ -272,23 +205,48 @@ def prune(model: nn.Module, method: str, sparsity, calib: torch.Tensor | None = 
             report.update(forward_s=0.0, method_s=t, total_s=t)
         return masks
 
+    def work(name, lin, stat):  # one layer, on its block's calibration statistics
+        if method == "wanda":
+            mask = wanda_mask(lin.weight, stat, sparsity, name=name)
+            lin.weight.mul_(mask)
+        else:
+            new, mask = sparsegpt(lin.weight, stat, sparsity, blocksize=blocksize, percdamp=percdamp, name=name)
+            lin.weight.copy_(new)
+        return mask
+
+    stat = "hessian" if method == "sparsegpt" else "sq_norm"
+    return calibrate_blocks(model, calib, targets, stat, work, f"{method} {sparsity_str(sparsity)}", report, log)
+
+
+@torch.no_grad()
+def calibrate_blocks(model: nn.Module, calib: torch.Tensor | None, targets: "dict[str, nn.Linear]", stat: str,
+                     work, label: str, report: dict | None = None, log=print) -> dict:
+    """Block by block, as the official SparseGPT/GPTQ code: run the windows through block l collecting each
+    target layer's input statistics, call work(name, linear, statistic) on each of its layers (which changes
+    the layer in place), then run the windows through the changed block: the inputs of block l+1.
+
+    stat: "hessian" (H = (2/n) sum_t x_t x_t^T: SparseGPT, GPTQ) or "sq_norm" (sum_t x_j^2: Wanda).
+    Returns {name: what work returned}; report (a dict) gets forward_s, method_s, total_s.
+    """
     if calib is None or calib.numel() == 0:
-        raise UserError(f"{method} needs calibration windows (calib)")
+        raise UserError(f"{label.split()[0]} needs calibration windows (calib)")
+    t_start = time.perf_counter()
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False  # Hessians are accumulated in true fp32 too
     try:
-        masks, fwd_s, work_s = _prune_sequential(model, method, sparsity, calib, targets, blocksize, percdamp, log)
+        results, fwd_s, work_s = _sequential(model, calib, targets, stat, work, label, log)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     if report is not None:
         report.update(forward_s=fwd_s, method_s=work_s, total_s=time.perf_counter() - t_start)
-    return masks
+    return results
 
 
-def _prune_sequential(model, method, sparsity, calib, targets, blocksize, percdamp, log):
-    """Block by block: statistics pass, prune the block's layers, outputs pass. Returns (masks, forward s, method s)."""
+def _sequential(model, calib, targets, kind, work, label, log):
+    """Block by block: statistics pass, work on the block's layers, outputs pass.
+    Returns (results, forward s, work s)."""
     device = next(model.parameters()).device
-    masks, fwd_s, work_s = {}, 0.0, 0.0
+    results, fwd_s, work_s = {}, 0.0, 0.0
     t0 = time.perf_counter()
     hidden, rest = _block_inputs(model, calib)
     _sync(device)
@@ -315,9 +273,9 @@ def _prune_sequential(model, method, sparsity, calib, targets, blocksize, percda
                         x = x.reshape(-1, x.shape[-1]).float()
                         if name not in stats:
                             d = x.shape[1]
-                            stats[name] = (torch.zeros(d, d, device=x.device) if method == "sparsegpt"
+                            stats[name] = (torch.zeros(d, d, device=x.device) if kind == "hessian"
                                            else torch.zeros(d, device=x.device))
-                        if method == "sparsegpt":
+                        if kind == "hessian":
                             add_gram_upper(stats[name], x)  # sum_t x x^T, upper triangle
                         else:
                             stats[name].add_((x * x).sum(0))  # sum_t x_j^2
@@ -339,33 +297,27 @@ def _prune_sequential(model, method, sparsity, calib, targets, blocksize, percda
             ntokens = hidden.shape[0] * hidden.shape[1]
             t = time.perf_counter()
             for name in names:
-                lin, stat = targets[name], stats[owner[name]]
-                if method == "wanda":
-                    mask = wanda_mask(lin.weight, stat, sparsity, name=name)
-                    lin.weight.mul_(mask)
-                else:
-                    hessian = (stat.triu() + stat.triu(1).T) * (2.0 / ntokens)  # mirror the upper triangle
-                    new, mask = sparsegpt(lin.weight, hessian, sparsity,
-                                          blocksize=blocksize, percdamp=percdamp, name=name)
-                    lin.weight.copy_(new)
-                masks[name] = mask
+                stat = stats[owner[name]]
+                if kind == "hessian":
+                    stat = (stat.triu() + stat.triu(1).T) * (2.0 / ntokens)  # mirror the upper triangle
+                results[name] = work(name, targets[name], stat)
             del stats
             _sync(device)
-            t_prune = time.perf_counter() - t
+            t_work = time.perf_counter() - t
         else:
-            t_fwd1 = t_prune = 0.0
+            t_fwd1 = t_work = 0.0
         t = time.perf_counter()
-        if b < last:  # the pruned block's outputs are the next block's inputs
+        if b < last:  # the changed block's outputs are the next block's inputs
             for i in range(0, hidden.shape[0], batch):
                 hidden[i:i + batch] = _run_block(block, hidden[i:i + batch], rest)
             _sync(device)
         t_fwd2 = time.perf_counter() - t
         fwd_s += t_fwd1 + t_fwd2
-        work_s += hook_s + t_prune
-        log(f"block {b + 1}/{len(model.layers)}: {len(names)} layers {method} {sparsity_str(sparsity)} | "
-            f"forward {t_fwd1 + t_fwd2:.1f}s, {method} {hook_s + t_prune:.1f}s "
-            f"(stats {hook_s:.1f}s, prune {t_prune:.1f}s)", flush=True)
-    return masks, fwd_s, work_s
+        work_s += hook_s + t_work
+        log(f"block {b + 1}/{len(model.layers)}: {len(names)} layers {label} | "
+            f"forward {t_fwd1 + t_fwd2:.1f}s, {label.split()[0]} {hook_s + t_work:.1f}s "
+            f"(stats {hook_s:.1f}s, layers {t_work:.1f}s)", flush=True)
+    return results, fwd_s, work_s
 
 
 def add_gram_upper(gram: torch.Tensor, x: torch.Tensor, block: int = 192) -> None:

@@ -45,7 +45,9 @@ def check_file_arithmetic(path: Path, report: dict, bits: int, value_bytes: int,
     for e in layout.values():
         out, n_in = e["shape"]
         kept = out * n_in // 2
-        expected += kept // 4  # 2-bit positions (kept is a multiple of 4 for these shapes)
+        # positions: pattern codes, 3 groups of 4 a byte, the last one padded (the default); or 2 bits per kept
+        # value (kept is a multiple of 4 for these shapes)
+        expected += -(-(kept // 2) // 3) if e["positions"] == "pattern" else kept // 4
         expected += kept * value_bytes if bits == 0 else kept // 2 + out * -(-(n_in // 2) // group_size) * 4
     assert sizes["packed"] == expected == report["packed_bytes"]
     return tensors, layout
@@ -64,7 +66,7 @@ def test_pack_checkpoint_roundtrip_tiny(tmp_path, tie):
         meta = f.metadata()
     layout = json.loads(meta["layout"])
     assert meta["format"] == packed.FORMAT and set(layout) == {k + ".weight" for k in masks}
-    assert layout["layers.0.attention.wk.weight"] == {"shape": [32, 64], "dtype": "float32"}
+    assert layout["layers.0.attention.wk.weight"] == {"shape": [32, 64], "dtype": "float32", "positions": "pattern"}
     check_file_arithmetic(out / "packed.safetensors", report, 0, 4)
     assert report["n_packed_weights"] == 2 * (64 * 64 * 2 + 32 * 64 * 2 + 3 * 64 * 128)
     m2, _ = load(out, tokenizer=False)
@@ -72,6 +74,25 @@ def test_pack_checkpoint_roundtrip_tiny(tmp_path, tie):
     x = torch.randint(256, (2, 17))
     with torch.no_grad():
         assert torch.equal(m2(x), m(x))  # exact: same weights, bit for bit
+
+
+def test_pack_2bit_positions_flag(tmp_path):
+    """--positions 2bit writes the older code (4 bits per group instead of 2.67): same weights, bigger file."""
+    m = tiny_model()
+    ckpt, masks = make_2to4_checkpoint(tmp_path, m)
+    sizes = {}
+    for code in ("2bit", "pattern"):
+        report = pack.main(["--ckpt", str(ckpt), "--out", str(tmp_path / code), "--positions", code, "--bits", "4"])
+        tensors, layout = check_file_arithmetic(tmp_path / code / "packed.safetensors", report, 4, 0)
+        assert {e["positions"] for e in layout.values()} == {code}
+        sizes[code] = report["packed_bytes"]
+        m2, _ = load(tmp_path / code, tokenizer=False)
+        if code == "2bit":
+            ref = m2.state_dict()
+        else:
+            assert all(torch.equal(ref[k], v) for k, v in m2.state_dict().items())
+    n = report["n_packed_weights"]
+    assert sizes["2bit"] - sizes["pattern"] == pytest.approx(n / 8 - n / 12, abs=14)  # 1/8 vs 1/12 byte a weight
 
 
 def test_pack_without_masks_takes_the_seven_projections(tmp_path):
@@ -139,7 +160,8 @@ def test_pack_flags(tmp_path, cli_error, capsys):
             pack.main(argv)
         assert message.split(" ")[0] in cli_error(lambda: pack.main(argv))
     assert not (tmp_path / "o").exists()  # nothing written
-    for argv in (["--bits", "3"], ["--dtype", "float64"]):  # not a choice: argparse's usage error, exit 2
+    # not a choice: argparse's usage error, exit 2
+    for argv in (["--bits", "3"], ["--dtype", "float64"], ["--positions", "3bit"], ["--quantizer", "awq"]):
         with pytest.raises(SystemExit) as e:
             pack.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "o")] + argv)
         assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
@@ -164,11 +186,11 @@ def test_pack_real_smollm2(tmp_path, smollm2):
             got = m2(x)
         if bits == 0:
             assert torch.equal(got, ref)
-            # 2.125 bytes/weight + the header (~72 KB over 106M weights)
-            assert report["linear_compression_vs_fp32"] == pytest.approx(4 / 2.125, rel=1e-3)
+            # 2 + 1/12 bytes/weight + the header (~75 KB over 106M weights)
+            assert report["linear_compression_vs_fp32"] == pytest.approx(4 / (2 + 1 / 12), rel=1e-3)
         else:  # per-weight bound is tested above; this only guards against a broken layer (measured 0.41)
             assert (got - ref).norm() / ref.norm() < 0.6
-            assert report["linear_compression_vs_fp32"] > 10
+            assert report["linear_compression_vs_fp32"] > 11.4  # 0.25 + 1/12 + 4/256 bytes: 11.46x before the header
 
 
 def test_pack_never_leaves_a_mixed_folder_and_takes_a_name(tmp_path, cli_error):

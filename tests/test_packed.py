@@ -1,4 +1,6 @@
 """packed.py: the compressed 2:4 format (bit packing, one weight, 4-bit values, refusals); runs on CPU."""
+import json
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -26,20 +28,47 @@ def test_pack_bits_layout_and_roundtrip():
             assert torch.equal(packed.unpack_bits(p, bits, n), x)
 
 
+def position_bytes(code, out, n_in):
+    """pattern: one code per group of 4, three a byte; 2bit: 2 bits per kept value, four a byte."""
+    return -(-(out * n_in // 4) // 3) if code == "pattern" else -(-(out * n_in // 2) // 4)
+
+
+@pytest.mark.parametrize("code", packed.POSITIONS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_pack_unpack_exact(dtype):
-    w = random_2to4(48, 40, dtype)  # 48 * 20 kept values: positions fill 240 bytes
+def test_pack_unpack_exact(dtype, code):
+    w = random_2to4(48, 40, dtype)  # 48 * 20 kept values: 240 bytes of 2-bit positions, 160 of pattern codes
     w[0] = 0  # groups with fewer than 2 nonzeros: padded with zero-valued positions
     w[1, 1:4] = 0
     w[2, :4] = torch.tensor([0.0, 0.0, 0.0, 1.5])
     for mask in (None, nm_mask((w.float() + 1e-3 * (w == 0)).abs(), 2, 4)):  # a mask may keep a weight that is 0
-        values, positions = packed.pack_weight(w, packed.check_2to4("w", w, mask))
-        assert values.shape == (48, 20) and values.dtype == dtype and positions.numel() == 48 * 20 // 4
-        back = packed.unpack_weight(values, positions, w.shape)
+        values, positions = packed.pack_weight(w, packed.check_2to4("w", w, mask), code)
+        assert values.shape == (48, 20) and values.dtype == dtype and positions.numel() == position_bytes(code, 48, 40)
+        back = packed.unpack_weight(values, positions, w.shape, code)
         assert back.dtype == dtype and torch.equal(back, w)
-    odd = random_2to4(3, 12, dtype)  # 18 kept values: the last position byte is partly padding
-    values, positions = packed.pack_weight(odd, packed.check_2to4("odd", odd))
-    assert positions.numel() == 5 and torch.equal(packed.unpack_weight(values, positions, odd.shape), odd)
+    for shape in ((3, 12), (1, 4), (5, 8), (7, 20), (2, 16)):  # 9, 1, 10, 35, 8 groups: the last byte partly padding
+        odd = random_2to4(*shape, dtype, seed=sum(shape))
+        values, positions = packed.pack_weight(odd, packed.check_2to4("odd", odd), code)
+        assert positions.numel() == position_bytes(code, *shape)
+        assert torch.equal(packed.unpack_weight(values, positions, odd.shape, code), odd)
+
+
+def test_pattern_codes_layout_every_pattern_and_every_byte():
+    """The 6 patterns in their documented order, three groups a byte as c0 + 6 c1 + 36 c2, padded with code 0;
+    all 216 byte values decode to distinct triples and encode back; a byte >= 216 is refused."""
+    assert packed.PATTERNS.tolist() == [[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]]
+    w = torch.zeros(1, 28)  # 7 groups: every pattern once (codes 0..5), then pattern (1, 3) again
+    for g, (a, b) in enumerate(packed.PATTERNS.tolist() + [[1, 3]]):
+        w[0, 4 * g + a], w[0, 4 * g + b] = g + 1.0, -(g + 1.0)
+    values, positions = packed.pack_weight(w, packed.check_2to4("w", w))
+    assert positions.tolist() == [0 + 6 * 1 + 36 * 2, 3 + 6 * 4 + 36 * 5, 4]  # last byte: code 4 + two pads
+    assert torch.equal(packed.unpack_weight(values, positions, w.shape), w)
+    triples = packed.unpack_patterns(torch.arange(216, dtype=torch.uint8), 3 * 216).view(216, 3, 2)
+    assert len({tuple(t.flatten().tolist()) for t in triples}) == 216
+    assert torch.equal(packed.pack_patterns(triples.view(-1, 2)), torch.arange(216, dtype=torch.uint8))
+    with pytest.raises(UserError, match=r"wq\.weight: its pattern-coded positions are corrupt"):
+        packed.unpack_weight(values, torch.tensor([78, 216, 4], dtype=torch.uint8), w.shape, name="wq.weight")
+    with pytest.raises(UserError, match="corrupt"):  # a byte short
+        packed.unpack_weight(values, positions[:2], w.shape)
 
 
 def test_non_2to4_weight_is_refused_with_its_name():
@@ -75,6 +104,7 @@ def test_quantize4_error_bound():
 def test_state_dict_roundtrip_and_other_files_refused(tmp_path):
     state = {"layers.0.attention.wq.weight": random_2to4(8, 16), "norm.weight": torch.ones(16)}
     tensors, layout = packed.pack_state_dict(state, ["layers.0.attention.wq.weight"])
+    assert layout["layers.0.attention.wq.weight"]["positions"] == "pattern"  # the default
     packed.save_packed(tensors, layout, tmp_path / packed.PACKED_FILE)
     back = packed.load_packed_state_dict(tmp_path)  # a directory holding packed.safetensors
     assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
@@ -83,3 +113,44 @@ def test_state_dict_roundtrip_and_other_files_refused(tmp_path):
         packed.load_packed_state_dict(tmp_path / "model.safetensors")
     with pytest.raises(UserError, match="cannot read .*missing, truncated or corrupt"):
         packed.read_packed(tmp_path / "nothing.safetensors")
+
+
+def save_version_1(tensors, layout, path):
+    """A file exactly as the version-1 writer made it: 2-bit positions, no "positions" in the layout."""
+    layout = {k: {f: v for f, v in e.items() if f != "positions"} for k, e in layout.items()}
+    meta = {"format": packed.FORMAT, "version": "1", "layout": json.dumps(layout, separators=(",", ":"))}
+    save_file(tensors, str(path), metadata=meta)
+
+
+@pytest.mark.parametrize("bits", [0, 4])
+def test_version_1_files_still_load_and_unknown_ones_are_refused(tmp_path, bits):
+    state = {"layers.0.feed_forward.w2.weight": random_2to4(6, 520, seed=3), "norm.weight": torch.ones(16)}
+    names = ["layers.0.feed_forward.w2.weight"]
+    old_t, old_l = packed.pack_state_dict(state, names, bits=bits, positions="2bit")
+    save_version_1(old_t, old_l, tmp_path / "v1.safetensors")
+    new_t, new_l = packed.pack_state_dict(state, names, bits=bits)
+    packed.save_packed(new_t, new_l, tmp_path / "v2.safetensors")
+    v1 = packed.load_packed_state_dict(tmp_path / "v1.safetensors")
+    v2 = packed.load_packed_state_dict(tmp_path / "v2.safetensors")
+    assert all(torch.equal(v1[k], v2[k]) for k in state) and (bits or torch.equal(v1[names[0]], state[names[0]]))
+    assert (tmp_path / "v2.safetensors").stat().st_size < (tmp_path / "v1.safetensors").stat().st_size
+    for version, layout in (("3", new_l), ("2", {k: {**e, "positions": "3bit"} for k, e in new_l.items()})):
+        meta = {"format": packed.FORMAT, "version": version, "layout": json.dumps(layout)}
+        save_file(new_t, str(tmp_path / "bad.safetensors"), metadata=meta)
+        with pytest.raises(UserError, match="re-pack it"):
+            packed.read_packed(tmp_path / "bad.safetensors")
+
+
+def test_quantize4_with_a_given_grid_and_refusals():
+    values = torch.randn(4, 256)
+    codes, scales, mins = packed.quantize4(values, 128)
+    back = packed.dequantize4(codes, scales, mins, values.shape, 128)
+    again = packed.quantize4(back, 128, (scales, mins))  # values on the grid: the same codes
+    assert torch.equal(again[0], codes) and again[1] is scales
+    w = random_2to4(4, 512)
+    with pytest.raises(UserError, match="needs --bits 4"):
+        packed.pack_state_dict({"w": w}, ["w"], grids={"w": (scales, mins)})
+    with pytest.raises(UserError, match=r"w: its 4-bit grid has shape \(4, 2\), not .* \(4, 1\)"):
+        packed.pack_state_dict({"w": w}, ["w"], bits=4, group_size=256, grids={"w": (scales, mins)})
+    with pytest.raises(UserError, match="--positions '3bit'"):
+        packed.pack_state_dict({"w": w}, ["w"], positions="3bit")
