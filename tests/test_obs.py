@@ -290,6 +290,24 @@ def test_pack_gptq_calibrates_each_block_on_quantized_blocks(tmp_path, data_dir)
         assert torch.equal(ref.state_dict()[name], model.state_dict()[name])
 
 
+def test_pack_gptq_bf16_keeps_the_codes_of_fp32(tmp_path, data_dir):
+    """--dtype bfloat16 casts the other tensors; GPTQ's weights give their codes before any cast (fp32 grid
+    points), so the bf16 file unpacks to the fp32 file's weights rounded to bf16."""
+    torch.manual_seed(1)
+    model = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=32000, hidden_dim=128,
+                                  max_seq_len=64)).eval()
+    checkpoint.save(model, None, tmp_path / "ck", masks=sp.prune(model, "magnitude", (2, 4)))
+    shutil.copy(data_dir / "tokenizers" / "llama2" / "tokenizer.model", tmp_path / "ck")
+    states = {}
+    for dtype in ("float32", "bfloat16"):
+        pack.main(["--ckpt", str(tmp_path / "ck"), "--out", str(tmp_path / dtype), "--bits", "4", "--quantizer",
+                   "gptq", "--group-size", "32", "--nsamples", "2", "--calib-len", "32", "--data-dir", str(data_dir),
+                   "--device", "cpu", "--dtype", dtype])
+        states[dtype] = packed.load_packed_state_dict(tmp_path / dtype)
+    for name, w in states["float32"].items():
+        assert states["bfloat16"][name].dtype == torch.bfloat16 and torch.equal(states["bfloat16"][name], w.bfloat16())
+
+
 def test_pack_gptq_flags_fail_before_any_work(tmp_path, cli_error):
     ckpt = tmp_path / "ck"
     torch.manual_seed(0)
