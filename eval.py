@@ -74,7 +74,7 @@ def perplexity_protocol(tokenizer, text, seq_len, limit=None, bos=None) -> dict:
     return perplexity_windows(tokenizer, text, seq_len, limit, bos)[1]
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: FSDP allocates unsharded params here that the next training step updates
 def window_nlls(model, windows, batch_size=1):
     """Mean next-token NLL of each window (float64 tensor (n,)); the first token of a window is never predicted."""
     device = next(model.parameters()).device
@@ -285,7 +285,7 @@ def length_batches(lengths, batch_size, overhead=16):
     return batches[::-1]
 
 
-@torch.inference_mode()
+@torch.no_grad()  # as window_nlls: a model still in training may be scored
 def score_items(model, tokenizer, items, batch_size=16, bos=None, name="score"):
     """Per item, the list of continuation log-likelihood sums (float64), in the items' order."""
     bos = _resolve_bos(tokenizer, bos)

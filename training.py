@@ -1,12 +1,14 @@
 """Training machinery shared by train_ast.py and train_pat.py, in the order a trainer uses it.
 
 The config both trainers extend (flags via cli.parse_config), distributed setup (torchrun: nccl on GPU, gloo
-on CPU), the compute dtype, the LR schedule, wrapping the model for training (FSDP, DDP, torch.compile),
-resumable state (atomic, weights_only, RNG included, FSDP gathered), a JSONL log with a PNG plot, a NaN stop
-and the teardown. The data side (token windows, instruction batches) lives in data.py.
+on CPU), the compute dtype, the LR schedule, wrapping the model for training (FSDP with bf16 gathers on GPU, DDP,
+torch.compile), gradient sync once per accumulation step, weight decay on matrices only, FSDP shard helpers and
+packed bool masks, resumable state (atomic, weights_only, RNG included, FSDP gathered in full), a JSONL log with a
+PNG plot, a NaN stop and the teardown. The data side (token windows, instruction batches) lives in data.py.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -88,22 +90,28 @@ def lr_at(step: int, args) -> float:
 # ----------------------------------------------------------------------------- the model as it trains
 
 
-def fsdp_shard(model, device, world_size):
-    """FSDP2 in place: each block is one unit, then the rest; moves this rank's shards to the device."""
+def fsdp_shard(model, device, world_size, param_dtype=None):
+    """FSDP2 in place: each block is one unit, then the rest; moves this rank's shards to the device.
+    param_dtype (bf16 on GPU): the gathered weights the forward and backward use, gradients reduced in fp32; the
+    sharded weights and optimizer state stay fp32."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(device.type, (world_size,))
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
+    kwargs = {"mesh": mesh, **({"mp_policy": policy} if policy else {})}
     for block in model.layers:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
     return model
 
 
-def wrap(model, device, world_size, fsdp=False, compile=False):
-    """What the training step calls: the model FSDP-sharded (in place), DDP-wrapped with more than one
-    process, or as it is; compiled in place with --compile. The caller keeps `model` for its state."""
+def wrap(model, device, world_size, fsdp=False, compile=False, dtype=torch.float32):
+    """What the training step calls: the model FSDP-sharded (in place; bf16 gathers when the compute dtype is bf16
+    on GPU), DDP-wrapped with more than one process, or as it is; compiled in place with --compile. The caller
+    keeps `model` for its state."""
     if fsdp:
-        net = fsdp_shard(model, device, world_size)
+        low = dtype if dtype != torch.float32 and device.type == "cuda" else None
+        net = fsdp_shard(model, device, world_size, param_dtype=low)
     else:
         model.to(device)
         net = model
@@ -115,6 +123,63 @@ def wrap(model, device, world_size, fsdp=False, compile=False):
     return net
 
 
+def grad_sync(net, enabled: bool):
+    """Context for one micro-batch: gradients are reduced across ranks only when `enabled` (the last micro-batch
+    of an accumulation step). FSDP2: set_requires_gradient_sync (it then keeps unsharded gradients meanwhile);
+    DDP: no_sync(); one process: nothing to reduce."""
+    if hasattr(net, "set_requires_gradient_sync"):
+        net.set_requires_gradient_sync(enabled)
+    elif not enabled and hasattr(net, "no_sync"):
+        return net.no_sync()
+    return contextlib.nullcontext()
+
+
+def decay_groups(model, weight_decay, skip=()) -> list[dict]:
+    """Two parameter groups: the model's weight matrices (2-D: projections, embeddings, LM head) with
+    `weight_decay`, and the rest (norm gains, and parameters whose name contains a word of `skip`) without."""
+    decay, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim == 2 and not any(w in name for w in skip) else rest).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP (DTensor) parameter, gradient or optimizer state, else t itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def local_rows(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """The rows of a full-shape tensor (a mask) that this rank holds of a dim-0-sharded FSDP parameter."""
+    if not hasattr(param, "to_local"):
+        return full
+    mesh = param.device_mesh
+    return torch.chunk(full, mesh.size(), dim=0)[mesh.get_local_rank()]  # FSDP2 shards dim 0 as torch.chunk
+
+
+def gather_rows(rows: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """The inverse of local_rows, a collective (every rank calls it): each rank's rows, computed from its shard of
+    `param`, joined into the full tensor (uneven shards included). Without FSDP, rows is the full tensor already."""
+    if not hasattr(param, "to_local"):
+        return rows
+    from torch.distributed.tensor import DTensor
+    shape = (param.shape[0], *rows.shape[1:])
+    return DTensor.from_local(rows, param.device_mesh, param.placements, run_check=False, shape=shape,
+                              stride=torch.empty(shape, device="meta").stride()).full_tensor()
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A bool (rows, n) tensor as uint8 (rows, ceil(n / 8)), eight entries per byte, on its device."""
+    bits = torch.nn.functional.pad(mask.to(torch.uint8), (0, -mask.shape[-1] % 8)).unflatten(-1, (-1, 8))
+    return (bits << torch.arange(8, dtype=torch.uint8, device=mask.device)).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The inverse of pack_bits: the bool (rows, n) tensor."""
+    bits = (packed.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1
+    return bits.flatten(-2)[..., :n].bool()
+
+
 def model_state(model, fsdp=False) -> dict:
     """The whole model's state dict on CPU (FSDP: gathered from all ranks; every rank must call this)."""
     if fsdp:
@@ -124,12 +189,21 @@ def model_state(model, fsdp=False) -> dict:
 
 
 def optimizer_state(model, optimizer, fsdp=False) -> dict:
-    """The optimizer's state dict (FSDP: gathered in full; every rank must call this)."""
+    """The optimizer's state dict (FSDP: gathered in full, keyed by parameter name; every rank must call this)."""
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
         return get_optimizer_state_dict(model, optimizer,
                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return optimizer.state_dict()
+
+
+def load_optimizer_state(model, optimizer, state: dict, fsdp=False):
+    """The inverse of optimizer_state (FSDP: every rank reads the full state and keeps its own shard of it)."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state)
 
 
 # ----------------------------------------------------------------------------- resumable state

@@ -323,6 +323,24 @@ def test_window_nlls_match_float64():
     assert got == pytest.approx(want, abs=1e-6)  # the (B, V, T) layout was 1e-5 off here
 
 
+def test_evaluation_of_a_training_model_leaves_it_trainable():
+    """Perplexity and scoring run under no_grad, not inference_mode: FSDP allocates its unsharded parameters inside
+    the forward, and tensors made in inference mode can't be updated in place by the next training step."""
+    tok = StubTokenizer()
+    model = tiny_transformer(vocab=tok.vocab_size)
+    modes, made = [], []
+
+    def remember(module, args, output):
+        modes.append(torch.is_inference_mode_enabled())
+        made.append(output)
+    model.layers[0].register_forward_hook(remember)
+    ev.perplexity(model, tok, "the cat sat on the mat. " * 8, 24)
+    ev.score_items(model, tok, [ev.piqa({"goal": "Open a jar", "sol1": "twist", "sol2": "pull", "label": 0})])
+    assert modes and not any(modes)
+    made[0].add_(1.0)  # what FSDP's next step does to a buffer allocated during evaluation: no error
+    model(torch.randint(0, tok.vocab_size, (1, 8))).sum().backward()
+
+
 def test_wikitext2_protocol_with_llama2_tokenizer(data_dir):
     """The literature's numbers: Llama 2 tokenizer + one BOS = 341,469 tokens, 83 windows of 4096, 166 of 2048."""
     tok = SentencePieceTokenizer((data_dir / "tokenizers" / "llama2" / "tokenizer.model").read_bytes())
