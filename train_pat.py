@@ -1,5 +1,4 @@
-"""
-Pruning-Aware Tuning (PAT, Liu et al., AAAI 2025, arXiv 2408.14721): fine-tune a Llama with LoRA while one
+"""Pruning-Aware Tuning (PAT, Liu et al., AAAI 2025, arXiv 2408.14721): fine-tune a Llama with LoRA while one
 trainable mask, shared by Hybrid Sparsification Modules (HSMs) on every write into the residual stream,
 learns which hidden channels to drop; then merge everything into a plain, narrower Llama (dim d -> d').
 
@@ -8,13 +7,11 @@ learns which hidden channels to drop; then merge everything into a plain, narrow
         --seq-len 256 --lr 5e-5 --ppl-windows 0            # the paper's recipe (LaMini, 3 epochs)
     torchrun --nproc_per_node 8 train_pat.py --ckpt llama2-7b ...
 
-The model is never edited: LoRA and the HSMs are forward hooks on the frozen projections, so the model
-starts exactly at the pretrained function (L1 = 0). The paper's pieces: the HSM y -> s (I + L1 diag(v) L0) y
-times the shared mask; the soft gate sigmoid(tau(s) w) + beta(s) with its count loss; the Identity Loss
-||L0 L0^T - I|| + ||L1^T L1 - I||. At the milestone s0 the soft mask becomes a hard top-N mask; after
-training, `merge` folds LoRA, the HSM operators and their scales into the weights, deletes the masked
-channels from every writer and reader of the residual stream, and the result is saved to <out>/final/
-as an ordinary checkpoint (checkpoint.load, eval.py, checkpoint.export_hf read it).
+The model is never edited: LoRA and the HSMs (y -> s (I + L1 diag(v) L0) y times the shared mask) are forward
+hooks on the frozen projections. The mask: soft gate sigmoid(tau(s) w) + beta(s) with its count loss; from
+0.8 s0 the task loss no longer moves it (official code); at s0 it becomes the hard top-N mask. Identity Loss
+||L0 L0^T - I|| + ||L1^T L1 - I|| over every HSM. `merge` folds it all into a plain narrower checkpoint in
+<out>/final/ (checkpoint.load, eval.py, checkpoint.export_hf read it).
 """
 from __future__ import annotations
 
@@ -22,8 +19,10 @@ import math
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -58,7 +57,11 @@ class PATArgs(TrainArgs):
     ratio: float = 0.25  # fraction of the hidden dimension to remove; 0: plain LoRA fine-tuning
     width_multiple: int = 8  # the final width is a multiple of this
     milestone: int = 0  # s0: the step where the mask becomes hard; 0: max_steps // 3
+    freeze_at: float = 0.8  # from this fraction of s0 the task loss stops reaching the mask logits and tau stops (official: 0.8); 1: no freeze
     mask_lr: float = 0.02  # lr of the mask logits
+    mask_init: Literal["zeros", "rms"] = "zeros"  # zeros: the paper's; rms (ours): logits from the residual channels' RMS, the N largest open
+    calib_batches: int = 4  # training batches for --mask-init rms and the one-shot baseline (rewound: training sees them too)
+    baseline: bool = True  # also print the one-shot prune of the lowest-RMS channels at the same width (same windows)
     count_weight: float = 10.0  # weight of the count loss |#open - N| / N (official code: 10)
     polar_weight: float = 1.0  # weight of the polarisation term that pushes logits to +-0.5 (official code: 1)
     identity_weight: float = 1.0  # lambda_id: Identity Loss, averaged over all HSMs
@@ -70,14 +73,14 @@ class PATArgs(TrainArgs):
 
 def target_width(dim: int, ratio: float, multiple: int) -> int:
     """N = round(dim * (1 - ratio)) rounded to a multiple of `multiple` (kernels like multiples of 8)."""
-    n = round(round(dim * (1 - ratio)) / multiple) * multiple
-    return max(multiple, min(dim, n))
+    return max(multiple, min(dim, round(round(dim * (1 - ratio)) / multiple) * multiple))
 
 
-def mask_schedule(step: int, milestone: int) -> tuple[float, float]:
-    """(tau, beta) of the soft gate sigmoid(tau * w) + beta before the milestone s0 (the paper's trainable mask)."""
-    tau = 1.0 / (1.0 - math.log(max(1, step)) / math.log(max(2, milestone)))
-    beta = max(0.5 - step / milestone, 0.0)
+def mask_schedule(step: int, milestone: int, freeze: int | None = None) -> tuple[float, float]:
+    """(tau, beta) of the soft gate sigmoid(tau * w) + beta before s0 (the paper's); tau stops at `freeze` (official)."""
+    s = step if freeze is None else min(step, freeze)
+    tau = 1.0 / (1.0 - math.log(max(1, s)) / math.log(max(2, milestone)))
+    beta = max(0.5 - step / milestone, 0.0)  # the official code keeps beta on the real step (0 by s0 / 2 anyway)
     return tau, beta
 
 
@@ -86,9 +89,8 @@ class LoRA(nn.Module):
 
     def __init__(self, in_features, out_features, rank, alpha):
         super().__init__()
-        self.A = nn.Parameter(torch.empty(rank, in_features))
+        self.A = nn.Parameter(nn.init.kaiming_uniform_(torch.empty(rank, in_features), a=math.sqrt(5)))  # nn.Linear's
         self.B = nn.Parameter(torch.zeros(out_features, rank))
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # nn.Linear's init
         self.scaling = alpha / rank
 
     def forward(self, x):
@@ -100,30 +102,24 @@ class LoRA(nn.Module):
 
 class HSM(nn.Module):
     """The operator part of one HSM: y -> s * (y + L1 diag(v) L0 y), kept in fp32; the shared mask multiplies it.
-
-    L0 (r x d) starts like nn.Linear, L1 (d x r) = 0, so it starts as the identity. v (r) is the paper's
-    scale between L1 and L0 (D = L1 diag(v) L0 + I, Identity Loss on L0, L1); s (d) a per-channel output
-    scale. rank 0 is a mask-only HSM (no parameters)."""
+    L0 (r x d) starts like nn.Linear, L1 (d x r) = 0: the identity. v (r) is the paper's scale between L1 and L0
+    (D = L1 diag(v) L0 + I), s (d) a per-channel output scale. Rank 0: a mask-only HSM (no parameters)."""
 
     def __init__(self, dim, rank):
         super().__init__()
         self.rank = rank
         if rank:
-            self.L0 = nn.Parameter(torch.empty(rank, dim))
-            nn.init.kaiming_uniform_(self.L0, a=math.sqrt(5))
+            self.L0 = nn.Parameter(nn.init.kaiming_uniform_(torch.empty(rank, dim), a=math.sqrt(5)))
             self.L1 = nn.Parameter(torch.zeros(dim, rank))
             self.v = nn.Parameter(torch.ones(rank))
             self.s = nn.Parameter(torch.ones(dim))
 
     def forward(self, y):
-        if not self.rank:
-            return y
-        return self.s * (y + F.linear(F.linear(y, self.L0) * self.v, self.L1))
+        return self.s * (y + F.linear(F.linear(y, self.L0) * self.v, self.L1)) if self.rank else y
 
     def operator(self):
         """T = diag(s) (I + L1 diag(v) L0), the d x d matrix the merge folds into the writer."""
-        eye = torch.eye(self.L1.shape[0], device=self.L1.device)
-        return self.s[:, None] * (eye + (self.L1 * self.v) @ self.L0)
+        return self.s[:, None] * (torch.eye(self.L1.shape[0], device=self.L1.device) + (self.L1 * self.v) @ self.L0)
 
     def identity_loss(self):
         """||L0 L0^T - I_r||_F + ||L1^T L1 - I_r||_F (paper eq.): L0, L1 carry rotation, v and s the scale."""
@@ -133,31 +129,30 @@ class HSM(nn.Module):
 
 
 class PAT(nn.Module):
-    """The frozen model plus LoRA adapters, 2L + 1 HSMs and the shared mask, attached as forward hooks.
-
-    Calling `pat.model(tokens)` anywhere (training, perplexity, generate) runs the adapted model: a
-    pre-hook on the model computes the mask once per forward from the current step."""
+    """The frozen model plus LoRA adapters, 2L + 1 HSMs and the shared mask, attached as forward hooks: calling
+    `pat.model(tokens)` anywhere (training, perplexity, generate) runs the adapted model. The schedule lives on the
+    host (`step`, `is_hard`) and in tensors (tau, beta): a forward reads nothing back from the device."""
 
     def __init__(self, model, ratio=0.25, width_multiple=8, milestone=100, hsm_rank=8, lora_rank=8,
-                 lora_alpha=16.0, keep_tied=True):
+                 lora_alpha=16.0, keep_tied=True, freeze_at=0.8):
         super().__init__()
         self.model = model.requires_grad_(False)
-        args = model.args
-        self.dim = args.dim
+        args, self.dim = model.args, model.args.dim
         self.n_open = target_width(args.dim, ratio, width_multiple) if ratio > 0 else args.dim
-        self.milestone, self.step = milestone, 0
-        self.lora = nn.ModuleDict()
-        self.hsms = nn.ModuleDict()
-        self.hooks = []
+        self.milestone, self.freeze, self.step, self.is_hard = milestone, int(freeze_at * milestone), 0, False
+        self.lora, self.hsms, self.hooks = nn.ModuleDict(), nn.ModuleDict(), []
         for name, module in model.named_modules():
             if lora_rank and name.endswith(PROJECTIONS):
                 lora = LoRA(module.in_features, module.out_features, lora_rank, lora_alpha)
                 self.lora[name.replace(".", "_")] = lora
-                self.hooks.append(module.register_forward_hook(self._lora_hook(lora)))
+                self.hooks.append(module.register_forward_hook(
+                    lambda m, a, out, lora=lora: out + lora(a[0]).to(out.dtype)))  # W x + LoRA(x)
         if ratio > 0:
             self.mask_logits = nn.Parameter(torch.zeros(args.dim))
             self.register_buffer("keep", torch.ones(args.dim, dtype=torch.bool))  # the hard mask after s0
-            self.register_buffer("hard", torch.tensor(False))
+            self.register_buffer("hard", torch.tensor(False))  # is_hard, saved for a resume
+            self.register_buffer("tau", torch.tensor(1.0), persistent=False)
+            self.register_buffer("beta", torch.tensor(0.5), persistent=False)
             tied = model.output.weight is model.tok_embeddings.weight
             # a full embedding HSM changes the table, which a tied LM head must not see: mask-only keeps the tie
             embed_rank = 0 if tied and keep_tied else hsm_rank
@@ -168,7 +163,8 @@ class PAT(nn.Module):
                 self.hsms[name.replace(".", "_")] = hsm
                 # registered after the LoRA hook, so the HSM sees W x + LoRA(x)
                 self.hooks.append(module.register_forward_hook(self._hsm_hook(hsm)))
-            self.hooks.append(model.register_forward_pre_hook(lambda module, inputs: self._refresh_mask()))
+            # the mask is computed once per forward, before the first hook reads it
+            self.hooks.append(model.register_forward_pre_hook(lambda m, a: setattr(self, "_mask", self.mask().float())))
             self._mask = None
         self.to(next(model.parameters()).device)
 
@@ -178,10 +174,6 @@ class PAT(nn.Module):
 
     def forward(self, tokens):
         return self.model(tokens)
-
-    @staticmethod
-    def _lora_hook(lora):
-        return lambda module, inputs, out: out + lora(inputs[0]).to(out.dtype)
 
     def _hsm_hook(self, hsm):
         def hook(module, inputs, y):
@@ -193,50 +185,49 @@ class PAT(nn.Module):
     def mask(self):
         """m = sigmoid(tau(s) w) + beta(s) before the milestone; the hard top-N mask after it."""
         w = self.mask_logits
-        if self.hard:
+        if self.is_hard:
             return self.keep.float() + 0.0 * w  # w stays in the graph with a zero gradient (DDP wants every param used)
-        tau, beta = mask_schedule(self.step, self.milestone)
-        return torch.sigmoid(tau * w) + beta
-
-    def _refresh_mask(self):
-        self._mask = self.mask().float()
+        if self.step >= self.freeze:  # official: from 0.8 s0 only the count and polarisation terms move the logits
+            w = w.detach()
+        return torch.sigmoid(self.tau * w) + self.beta
 
     def set_step(self, step):
         """Advance the schedule; at the milestone keep exactly the top-N logits (the final width asked for)."""
         self.step = step
-        if self.prunes and step >= self.milestone and not self.hard:
-            keep = torch.zeros_like(self.keep)
-            keep[torch.topk(self.mask_logits.detach(), self.n_open).indices] = True
-            self.keep.copy_(keep)
-            self.hard.fill_(True)
+        if not self.prunes or self.is_hard:
+            return
+        if step >= self.milestone:
+            self.set_hard_mask(top_n(self.mask_logits.detach(), self.n_open))
+        else:  # in place: a compiled forward reads the same tensors at every step
+            for buffer, value in zip((self.tau, self.beta), mask_schedule(step, self.milestone, self.freeze)):
+                buffer.fill_(value)
 
     def set_hard_mask(self, keep: torch.Tensor):
         """Use a given hard mask (bool, d) from now on: a merge without training, or an outside channel choice."""
         self.keep.copy_(keep)
         self.hard.fill_(True)
+        self.is_hard = True
 
     def n_open_now(self) -> int:
-        if not self.prunes:
-            return self.dim
-        return int(self.keep.sum()) if self.hard else int((self.mask_logits > 0).sum())
+        """Open channels (w >= 0, as the count loss sees them); a host sync: call it on logging steps only."""
+        return self.dim if not self.prunes else int(self.keep.sum() if self.is_hard else (self.mask_logits >= 0).sum())
 
     def mask_losses(self):
-        """(count loss, polarisation): |sum 1[w > 0] - N| / N with a straight-through step, and the push from 0."""
+        """(count loss |sum 1[w >= 0] - N| / N with a straight-through step, polarisation of w > 0 to +0.5, w <= 0 to
+        -0.5), as the official code: w >= 0 counts the starting logits (exactly 0) as open."""
         w = self.mask_logits
-        if self.hard:
-            zero = 0.0 * w.sum()
-            return zero, zero
-        step = (w > 0).float()
-        count = (step + w - w.detach()).sum()  # forward: the count; backward: identity (STE)
+        if self.is_hard:
+            return 0.0 * w.sum(), 0.0 * w.sum()
+        count = ((w >= 0).float() + w - w.detach()).sum()  # forward: the count; backward: identity (STE)
         count_loss = (count - self.n_open).abs() / self.n_open
-        pos, neg = w[w > 0], w[w <= 0]
-        polar = sum(((x - c) ** 2).mean() for x, c in ((pos, 0.5), (neg, -0.5)) if x.numel())
-        return count_loss, polar + 0.0 * w.sum()
+        pos = (w > 0).float()  # masked means instead of w[w > 0]: no data-dependent shape, no host sync
+        polar = sum(((w - c) ** 2 * g).sum() / g.sum().clamp(min=1) for g, c in ((pos, 0.5), (1 - pos, -0.5)))
+        return count_loss, polar
 
     def identity_loss(self):
-        """Mean over ALL HSMs with an operator (the official code keeps only the last layer's)."""
+        """Summed over ALL HSMs with an operator, as the paper writes it (the official code keeps the last layer's)."""
         losses = [hsm.identity_loss() for hsm in self.hsms.values() if hsm.rank]
-        return torch.stack(losses).mean() if losses else torch.zeros((), device=self.model.output.weight.device)
+        return torch.stack(losses).sum() if losses else torch.zeros((), device=self.model.output.weight.device)
 
     def trainable_state(self):
         return {k: v.detach().cpu() for k, v in self.state_dict().items() if not k.startswith("model.")}
@@ -247,12 +238,45 @@ class PAT(nn.Module):
         if missing or unexpected:
             raise UserError(f"the state does not match this PAT configuration (missing {missing[:3]}, "
                             f"unexpected {unexpected[:3]}); resume with the same flags as the run that wrote it")
+        self.is_hard = self.prunes and bool(self.hard)
+
+
+def top_n(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """Bool mask of the n largest scores."""
+    return torch.zeros_like(scores, dtype=torch.bool).index_fill_(0, torch.topk(scores, n).indices, True)
+
+
+@torch.no_grad()
+def residual_channel_norms(model, batches) -> torch.Tensor:
+    """sqrt(sum of x^2) per hidden channel over every RMSNorm input (the residual stream) of the token batches."""
+    total = torch.zeros(model.args.dim, device=model.output.weight.device)
+
+    def hook(module, inputs):  # returns None: a pre-hook's return value would replace the input
+        total.add_(inputs[0].float().pow(2).sum((0, 1)))
+    hooks = [m.register_forward_pre_hook(hook) for n, m in model.named_modules() if n.endswith("norm")]
+    for x in batches:
+        model(x)
+    for h in hooks:
+        h.remove()
+    if dist.is_initialized():  # every rank must start from the same logits
+        dist.all_reduce(total)
+    return total.sqrt()
+
+
+@torch.no_grad()
+def init_mask_from_norms(pat, norms):
+    """Ours, beyond the paper: w = clamp(z / (2 median |z|), -1/2, 1/2), z = ln norm - theta with theta between the
+    N-th and (N+1)-th largest: the N largest channels start open, those near the threshold weakly (easy to flip).
+    The clamp keeps the start near the dense function (unclamped, massive channels start at m = 1.5: ppl 28 -> 50)."""
+    z = norms.clamp_min(1e-12).log()
+    top = torch.topk(z, min(pat.n_open + 1, pat.dim)).values
+    z = z - ((top[-2] + top[-1]) / 2 if pat.n_open < pat.dim else top[-1] - 1)
+    pat.mask_logits.copy_((z / (2 * z.abs().median().clamp_min(1e-12))).clamp(-0.5, 0.5))
 
 
 @torch.no_grad()
 def merge(pat: PAT):
     """Fold LoRA, the HSM operators (with their scales) and the hard mask into a plain narrower Transformer.
-
     Writers (embedding, wo, w2) get T = diag(s)(I + L1 diag(v) L0) on their output and lose the masked rows;
     readers (wq, wk, wv, w1, w3, output) lose the masked input columns; RMSNorm gains are multiplied by
     sqrt(d/d') and eps by d/d', because the RMS over d channels of which d - d' are zero is
@@ -261,19 +285,19 @@ def merge(pat: PAT):
     tied = model.output.weight is model.tok_embeddings.weight
     state = {k: v.clone() for k, v in model.state_dict().items()}
     state.setdefault("output.weight", state["tok_embeddings.weight"])
+    names = {n.replace(".", "_"): n for n, _ in model.named_modules()}  # ModuleDict key -> module name
     for key, lora in pat.lora.items():
-        w = state[_module_name(key) + ".weight"]
+        w = state[names[key] + ".weight"]
         w += lora.delta().to(w.dtype)
     new_args = args
     if pat.prunes:
-        if not bool(pat.hard):
+        if not pat.is_hard:
             raise UserError("the mask is still soft: train past --milestone before merging")
         keep = pat.keep.nonzero().squeeze(1).to(model.output.weight.device)
         d, d_new = args.dim, len(keep)
-        embed_hsm = pat.hsms["tok_embeddings"]
-        tied = tied and not embed_hsm.rank  # the LM head reads the untransformed table: a full embedding HSM unties
+        tied = tied and not pat.hsms["tok_embeddings"].rank  # the LM head reads the untransformed table: a full embedding HSM unties
         for key, hsm in pat.hsms.items():
-            name = _module_name(key)
+            name = names[key]
             w = state[name + ".weight"]
             if name == "tok_embeddings":  # (V, d): the HSM acts on rows, so T multiplies from the right
                 w = (w.float() @ hsm.operator().T).to(w.dtype) if hsm.rank else w
@@ -298,18 +322,6 @@ def merge(pat: PAT):
     return merged.eval()
 
 
-def _module_name(key: str) -> str:
-    """ModuleDict key (dots replaced) -> module name: layers_3_attention_wo -> layers.3.attention.wo."""
-    if key == "tok_embeddings":
-        return key
-    _, i, rest = key.split("_", 2)
-    group, proj = rest.rsplit("_", 1)
-    return f"layers.{i}.{group}.{proj}"
-
-
-# ----------------------------------------------------------------------------- training
-
-
 def count_params(model) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())  # a tied table counts once
 
@@ -329,14 +341,14 @@ def make_optimizer(pat, args, device):
 
 def train_step(net, pat, optimizer, trainable, batches, step, args, device, amp, world_size, last_ckpt, log_now):
     """One optimizer step over grad_accum micro-batches. Returns (log record when `log_now`, else None; target
-    tokens seen by all ranks). The record's values are host syncs, so they are read only on logging steps."""
+    tokens of this rank as a device tensor). The only host sync off logging steps is the per-step NaN stop."""
     lr = training.lr_at(step, args)
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_scale"]
-    task_sum, tokens = 0.0, 0
+    task_sum = tokens = torch.zeros((), device=device)
     for micro in range(args.grad_accum):
-        x, y = (t.to(device) for t in batches.next())
-        tokens += int((y != -100).sum()) * world_size
+        x, y = (t.to(device, non_blocking=True) for t in batches.next())
+        tokens = tokens + (y != -100).sum()
         sync = micro == args.grad_accum - 1 or world_size == 1
         with (nullcontext() if sync else net.no_sync()), autocast(amp, device):  # all-reduce on the last micro-batch
             logits = net(x)
@@ -348,7 +360,7 @@ def train_step(net, pat, optimizer, trainable, batches, step, args, device, amp,
                 loss = loss + args.count_weight * count_loss + args.polar_weight * polar \
                     + args.identity_weight * identity
             (loss / args.grad_accum).backward()
-        task_sum += task.item() / args.grad_accum
+        task_sum = task_sum + task.detach() / args.grad_accum
     training.check_finite(loss.detach(), step, last_ckpt)
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip or float("inf"))
     optimizer.step()
@@ -356,33 +368,44 @@ def train_step(net, pat, optimizer, trainable, batches, step, args, device, amp,
     pat.set_step(step + 1)
     if not log_now:
         return None, tokens
-    record = {"step": step + 1, "loss": loss.item(), "task": task_sum, "lr": lr, "grad_norm": float(grad_norm),
+    record = {"step": step + 1, "loss": loss.item(), "task": task_sum.item(), "lr": lr, "grad_norm": float(grad_norm),
               "open": pat.n_open_now()}
     if pat.prunes:
-        tau = mask_schedule(step + 1, pat.milestone)[0] if step + 1 < pat.milestone else None
-        record |= {"count_loss": count_loss.item(), "identity": identity.item(), "tau": tau}
+        record |= {"count_loss": count_loss.item(), "identity": identity.item()}
+        if step + 1 < pat.milestone:  # no tau once hard (an all-empty log panel cannot be drawn)
+            record["tau"] = mask_schedule(step + 1, pat.milestone, pat.freeze)[0]
     return record, tokens
 
 
-def finish(pat, model, tokenizer, wikitext, args, step, log, ppl_before):
-    """Merge into the narrower Llama, print before/after perplexity and size, save <out>/final/ and the plot."""
-    out = Path(args.out)
-    pat.eval()
-    ppl_tuned = wikitext(model) if wikitext else None
-    if wikitext:
-        print(f"WikiText-2 perplexity after tuning (unmerged{', hard mask' if pat.prunes else ''}): {ppl_tuned:.3f}")
-    merged = merge(pat)
-    ppl_merged = wikitext(merged) if wikitext else None
+def one_shot_ppl(pat, keep, wikitext):
+    """Perplexity with only the channels `keep`, before any training: the untrained PAT (LoRA B = 0, L1 = 0, s = 1)
+    under a hard mask is exactly the one-shot prune (merge is exact), so no second copy of the model is made."""
+    pat.set_hard_mask(keep)
+    ppl = wikitext(pat.model)
+    pat.keep.fill_(True), pat.hard.fill_(False)  # back to the soft mask of a fresh run
+    pat.is_hard = False
+    return ppl
+
+
+def finish(pat, model, tokenizer, wikitext, args, step, log, refs):
+    """Merge into the narrower Llama, print dense / one-shot prune / PAT perplexity side by side, save <out>/final/."""
+    out, merged = Path(args.out), merge(pat.eval())
+    ppl_tuned, ppl_merged = (wikitext(model), wikitext(merged)) if wikitext else (None, None)
     n_before, n_after = count_params(model), count_params(merged)
-    print(f"WikiText-2 perplexity after merge: {ppl_merged and f'{ppl_merged:.3f}'}  (dim {pat.dim} -> "
-          f"{merged.args.dim}; parameters {n_before:,} -> {n_after:,}, {100 * (1 - n_after / n_before):.1f}% fewer)")
+    print(f"merged: dim {pat.dim} -> {merged.args.dim}, parameters {n_before:,} -> {n_after:,} "
+          f"({100 * (1 - n_after / n_before):.1f}% fewer)")
     log.log({"step": step, "ppl": ppl_tuned, "ppl_merged": ppl_merged})
-    checkpoint.save(merged, tokenizer, out / "final",
-                    meta={"method": "pat", "ratio": args.ratio, "source": args.ckpt, "steps": step,
-                          "ppl_wikitext2": ppl_merged, "ppl_windows": args.ppl_windows,
-                          "ppl_seq_len": args.ppl_seq_len})
+    if wikitext:
+        name = f"PAT, mask init {args.mask_init}{' (ours)' if args.mask_init == 'rms' else ''}" if pat.prunes else "LoRA"
+        rows = [(f"dense, dim {pat.dim}", refs.get("dense")),
+                (f"one-shot prune of the lowest-norm channels, dim {pat.n_open}", refs.get("one-shot")),
+                (f"{name}, {step} steps, unmerged", ppl_tuned), (f"{name}, merged, dim {merged.args.dim}", ppl_merged)]
+        print(f"\n{wikitext.describe()}:\n" + "\n".join(f"  {n:<58} {v:10.2f}" for n, v in rows if v is not None))
+    checkpoint.save(merged, tokenizer, out / "final", meta={
+        "method": "pat", "ratio": args.ratio, "source": args.ckpt, "steps": step, "mask_init": args.mask_init,
+        "ppl_wikitext2": ppl_merged, "ppl_windows": args.ppl_windows, "ppl_seq_len": args.ppl_seq_len, "refs": refs})
     training.plot_log(log.path, out / "log.png", ["loss", "task", "count_loss", "identity", "open", "tau", "ppl", "lr"],
-                      log_keys=("ppl", "tau"), refs={"ppl": {"before tuning": ppl_before, "merged": ppl_merged}},
+                      log_keys=("ppl", "tau"), refs={"ppl": {"before tuning": refs.get("dense"), "merged": ppl_merged}},
                       marks={f"milestone s0 = {pat.milestone}": pat.milestone} if pat.prunes else None)
     print(f"merged model: {out / 'final'} (python eval.py --ckpt {out / 'final'}); log: {log.path}, plot: {out / 'log.png'}")
 
@@ -392,45 +415,57 @@ def main(argv=None):
     milestone = args.milestone or max(1, args.max_steps // 3)
     if args.ratio > 0 and milestone >= args.max_steps:
         raise UserError(f"--milestone {milestone} must be below --max-steps {args.max_steps}: the mask must end hard")
+    for bad, says in ((not 0 < args.freeze_at <= 1, f"--freeze-at {args.freeze_at}: must be in (0, 1]"),
+                      (args.calib_batches < 1, f"--calib-batches {args.calib_batches}: must be positive")):
+        if bad:
+            raise UserError(says)
     rank, world_size, _, device = training.setup_distributed(args.device)
     master, out = rank == 0, Path(args.out)
     resumed = training.open_run(args, rank)
-    if resumed is not None and resumed["step"] >= args.max_steps:
-        return training.teardown()
+    if resumed is not None and resumed["step"] >= args.max_steps and (out / "final").exists():
+        return training.teardown()  # without final/ the run stopped while merging: merge again
     torch.manual_seed(args.seed)
     amp = training.autocast_dtype(args.autocast, device)
 
-    model, tokenizer = checkpoint.load(args.ckpt, device=device, dtype=torch.float32)
-    pat = PAT(model, args.ratio, args.width_multiple, milestone, args.hsm_rank, args.lora_rank,
-              args.lora_alpha, args.keep_tied)
+    # on GPU the frozen base is stored in the compute dtype (no fp32 weights cast at every forward); CPU keeps fp32
+    model, tokenizer = checkpoint.load(args.ckpt, device=device, dtype=amp if device.type == "cuda" else torch.float32)
     data_dir = data.resolve_data_dir(args.data_dir)
     batches = data.training_batches(args.data, data_dir, tokenizer, args.seq_len, args.batch_size, args.seed,
                                     rank, world_size)
     wikitext = WikiText2(tokenizer, data_dir, args.ppl_seq_len, args.ppl_windows) if args.eval else None
-    optimizer, trainable = make_optimizer(pat, args, device)
-
-    step, last_ckpt, state_path, ppl_before = 0, None, out / "state.pt", None
+    step, last_ckpt, state_path, refs, norms = 0, None, out / "state.pt", {}, None
     log = training.JsonlLog(out / "log.jsonl")
+    if master and wikitext and resumed is None:  # before the hooks: --mask-init rms starts off the dense function
+        refs["dense"] = wikitext(model)
+        print(f"WikiText-2 perplexity of {args.ckpt} (dense): {refs['dense']:.3f}")
+        log.log({"step": 0, "ppl": refs["dense"]})
+    if args.ratio > 0 and resumed is None and (args.mask_init == "rms" or args.baseline and args.eval):
+        start = batches.state_dict()
+        norms = residual_channel_norms(model, [batches.next()[0].to(device) for _ in range(args.calib_batches)])
+        batches.load_state_dict(start)  # rewound, so every --mask-init trains on the same batches
+    pat = PAT(model, args.ratio, args.width_multiple, milestone, args.hsm_rank, args.lora_rank,
+              args.lora_alpha, args.keep_tied, args.freeze_at)
+    if args.mask_init == "rms" and norms is not None:
+        init_mask_from_norms(pat, norms)
+    optimizer, trainable = make_optimizer(pat, args, device)
     if resumed is not None:
         pat.load_trainable_state(resumed["pat"])
         optimizer.load_state_dict(resumed["optimizer"])
         batches.load_state_dict(resumed["data"])
         training.set_rng_state(resumed["rng"])
-        step, last_ckpt, ppl_before = resumed["step"], state_path, resumed.get("ppl_before")
+        step, last_ckpt, refs = resumed["step"], state_path, resumed.get("refs", {})
     elif master:
-        print(f"PAT on {args.ckpt}: dim {pat.dim} -> {pat.n_open} (ratio {args.ratio}), milestone {milestone}, "
-              f"{sum(p.numel() for p in trainable):,} trainable parameters "
-              f"({len(pat.lora)} LoRA, {len(pat.hsms)} HSMs), {count_params(model):,} in the model")
-        ppl_before = wikitext(model) if wikitext else None
-        if wikitext:
-            print(f"WikiText-2 perplexity before tuning: {ppl_before:.3f}")
-            log.log({"step": 0, "ppl": ppl_before})
+        if wikitext and norms is not None and args.baseline:
+            refs["one-shot"] = one_shot_ppl(pat, top_n(norms, pat.n_open), wikitext)
+            print(f"WikiText-2 perplexity of the one-shot prune of the {pat.dim - pat.n_open} lowest-norm channels "
+                  f"(no training): {refs['one-shot']:.3f}")
+        print(f"PAT: dim {pat.dim} -> {pat.n_open} (ratio {args.ratio}), milestone {milestone}, mask frozen from step "
+              f"{pat.freeze}, mask init {args.mask_init}{' (ours)' if args.mask_init == 'rms' else ''}, "
+              f"{sum(p.numel() for p in trainable):,} trainable parameters ({len(pat.lora)} LoRA, {len(pat.hsms)} HSMs)")
 
     net = training.wrap(pat, device, world_size, compile=args.compile)
-    progress = Progress("step", args.max_steps, start=step)
-    pat.train()
-    pat.set_step(step)
-    tokens_seen = 0
+    progress, tokens_seen = Progress("step", args.max_steps, start=step), 0
+    pat.train().set_step(step)
     with training.StopRequest() as stop:
         while step < args.max_steps:
             log_now = master and ((step + 1) % args.log_interval == 0 or step + 1 == args.max_steps)
@@ -439,8 +474,8 @@ def main(argv=None):
             step, tokens_seen = step + 1, tokens_seen + tokens
             if log_now:
                 log.log(record)
-                print(progress.line(step, tokens_seen, loss=record["loss"], task=record["task"], lr=record["lr"],
-                                    open=record["open"]), flush=True)
+                print(progress.line(step, int(tokens_seen) * world_size, loss=record["loss"], task=record["task"],
+                                    lr=record["lr"], open=record["open"]), flush=True)
                 tokens_seen = 0
             if master and wikitext and args.eval_interval and step % args.eval_interval == 0 and step < args.max_steps:
                 ppl = wikitext(model)
@@ -451,13 +486,12 @@ def main(argv=None):
                 if master:
                     training.save_state(state_path, {"step": step, "pat": pat.trainable_state(),
                                                      "optimizer": optimizer.state_dict(), "data": batches.state_dict(),
-                                                     "rng": training.rng_state(), "ppl_before": ppl_before,
-                                                 "args": asdict(args)})
+                                                     "rng": training.rng_state(), "refs": refs, "args": asdict(args)})
                 last_ckpt = state_path
             if stopping and step < args.max_steps:
                 stop.stop(step, args)
     if master:
-        finish(pat, model, tokenizer, wikitext, args, step, log, ppl_before)
+        finish(pat, model, tokenizer, wikitext, args, step, log, refs)
     training.teardown()
 
 

@@ -102,6 +102,159 @@ def test_identity_loss_includes_every_hsm():
             hsm.L0.copy_(saved)
 
 
+def test_mask_schedule_freezes_tau_at_the_freeze_step():
+    """The official code stops tau at 0.8 s0 (DimDownModule.py); beta follows the real step (0 by then)."""
+    s0, freeze = 50, 40
+    taus = [mask_schedule(s, s0, freeze)[0] for s in range(s0)]
+    assert taus[:freeze + 1] == [mask_schedule(s, s0)[0] for s in range(freeze + 1)]
+    assert all(t == taus[freeze] for t in taus[freeze:]) and taus[freeze] > taus[freeze - 1]
+    assert mask_schedule(45, s0, freeze)[1] == 0.0 and mask_schedule(10, s0, freeze)[1] == pytest.approx(0.3)
+
+
+def test_hardening_keeps_exactly_the_top_n_logits():
+    pat = PAT(tiny(), ratio=0.25, milestone=10, hsm_rank=4, lora_rank=0)
+    logits = torch.randn(64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        pat.mask_logits.copy_(logits)
+    pat.set_step(9)
+    assert not pat.is_hard
+    pat.set_step(10)
+    assert pat.is_hard and bool(pat.hard)
+    assert set(pat.keep.nonzero().squeeze(1).tolist()) == set(logits.argsort(descending=True)[:48].tolist())
+    assert torch.equal(pat.mask(), pat.keep.float())
+
+
+def test_count_treats_a_zero_logit_as_open():
+    """The official binarize is w >= 0: logits start at exactly 0, so the first count sees every channel open."""
+    pat = PAT(tiny(), ratio=0.25, milestone=10, hsm_rank=4, lora_rank=0)
+    count_loss, polar = pat.mask_losses()
+    assert pat.n_open_now() == 64 and float(count_loss.detach()) == pytest.approx((64 - 48) / 48)
+    count_loss.backward()  # the straight-through estimator: every logit gets d|count - N|/N / dw = +1/N
+    torch.testing.assert_close(pat.mask_logits.grad, torch.full((64,), 1 / 48))
+
+
+def test_identity_loss_is_the_sum_of_both_terms_over_every_hsm():
+    """||L0 L0^T - I|| + ||L1^T L1 - I|| per HSM, summed over HSMs (the paper); each term on its own."""
+    pat = PAT(tiny(), ratio=0.25, milestone=10, hsm_rank=8)
+    hsms = [h for h in pat.hsms.values() if h.rank]
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for i, hsm in enumerate(hsms):
+            q = torch.linalg.qr(torch.randn(64, 8, generator=g))[0]
+            hsm.L0.copy_(q.T)  # orthonormal rows: the L0 term is 0
+            hsm.L1.copy_(q * (i + 2))  # L1^T L1 = (i + 2)^2 I: only the L1 term is left
+    expected = sum(((i + 2) ** 2 - 1) * 8 ** 0.5 for i in range(len(hsms)))
+    assert float(pat.identity_loss().detach()) == pytest.approx(expected, rel=1e-4)
+    with torch.no_grad():
+        for hsm in hsms:
+            hsm.L1.copy_(hsm.L0.T)
+            hsm.L0.mul_(3)
+    assert float(pat.identity_loss().detach()) == pytest.approx(len(hsms) * 8 * 8 ** 0.5, rel=1e-4)
+
+
+def test_after_the_freeze_the_task_loss_no_longer_moves_the_mask():
+    """From freeze_at * s0 only the count and polarisation terms reach the logits (official: mask.detach())."""
+    pat = PAT(tiny(), ratio=0.25, milestone=10, hsm_rank=4, lora_rank=4, freeze_at=0.8)
+    with torch.no_grad():
+        pat.mask_logits.copy_(torch.randn(64, generator=torch.Generator().manual_seed(8)) * 0.3)
+    x = tokens()
+    for step, moves in ((7, True), (8, False), (9, False)):
+        pat.set_step(step)
+        pat.mask_logits.grad = None
+        pat(x).logsumexp(-1).mean().backward()
+        grad = pat.mask_logits.grad
+        assert (grad is not None and grad.abs().sum() > 0) == moves, step
+    tau = float(pat.tau)
+    pat.set_step(9)
+    assert float(pat.tau) == tau == pytest.approx(mask_schedule(8, 10)[0])
+
+
+def test_soft_mask_is_near_binary_before_the_milestone_so_hardening_costs_little():
+    """Trained with the official weights, the soft mask at s0 - 1 is nearly binary with about N channels open,
+    and switching to the hard top-N mask at s0 changes the masked model's loss by little (no cliff)."""
+    model = tiny(seed=2)
+    s0 = 100  # with zero logits the count loss moves all of them together; they need ~100 steps at 0.05 to spread
+    pat = PAT(model, ratio=0.25, milestone=s0, hsm_rank=4, lora_rank=4)
+    opt = torch.optim.AdamW([{"params": [pat.mask_logits], "lr": 0.05},
+                             {"params": [p for n, p in pat.named_parameters() if n != "mask_logits" and p.requires_grad],
+                              "lr": 3e-3}], weight_decay=0.0)
+    x = tokens(4, 17, seed=9)
+    for step in range(s0):
+        pat.set_step(step)
+        task = F.cross_entropy(pat(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        count_loss, polar = pat.mask_losses()
+        (task + 10 * count_loss + polar + pat.identity_loss()).backward()
+        opt.step()
+        opt.zero_grad()
+    pat.set_step(s0 - 1)  # the last soft step, with the weights as they enter s0
+    with torch.no_grad():
+        soft = pat.mask()
+        loss_soft = float(F.cross_entropy(pat(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()))
+        pat.set_step(s0)
+        loss_hard = float(F.cross_entropy(pat(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()))
+    assert int(((soft > 0.02) & (soft < 0.98)).sum()) <= 2, soft
+    assert abs(int((soft > 0.5).sum()) - pat.n_open) <= 2
+    assert abs(loss_hard - loss_soft) < 0.01 * loss_soft, (loss_soft, loss_hard)
+
+
+def test_forward_and_losses_read_nothing_back_from_the_device(monkeypatch):
+    """Soft, frozen and hard phases: no .item() / bool / int / float of a tensor (each is a GPU host sync), and
+    tau, beta are tensors updated in place (a compiled model sees the same graph at every soft step)."""
+    pat = PAT(tiny(), ratio=0.25, milestone=10, hsm_rank=4, lora_rank=4)
+    tau = pat.tau
+    x = tokens()
+
+    def sync(*args):
+        raise AssertionError("host sync")
+    for step in (3, 8, 10):  # soft, frozen, hard
+        pat.set_step(step)
+        with monkeypatch.context() as m:
+            for name in ("item", "__bool__", "__int__", "__float__", "tolist"):
+                m.setattr(torch.Tensor, name, sync)
+            count_loss, polar = pat.mask_losses()
+            (pat(x).float().logsumexp(-1).mean() + count_loss + polar + pat.identity_loss()).backward()
+    assert pat.tau is tau and float(tau) == pytest.approx(mask_schedule(8, 10)[0])
+
+
+def test_mask_init_rms_opens_exactly_the_n_largest_channels():
+    """--mask-init rms (ours): N logits >= 0, on the channels of largest residual norm; |w| <= 1/2; all else equal,
+    a channel's logit grows with its norm. The norms are sqrt(sum x^2) over every RMSNorm input."""
+    model = tiny()
+    x = tokens(3, 16)
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach())) for n, m in model.named_modules()
+             if n.endswith("norm")]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    assert len(seen) == 2 * 2 + 1  # attention and ffn norms per layer, then the final norm
+    norms = train_pat.residual_channel_norms(model, [x[:2], x[2:]])
+    torch.testing.assert_close(norms, sum(s.pow(2).sum((0, 1)) for s in seen).sqrt())
+    pat = PAT(model, ratio=0.25, milestone=10, hsm_rank=4, lora_rank=0)
+    train_pat.init_mask_from_norms(pat, norms)
+    w = pat.mask_logits.detach()
+    assert pat.n_open_now() == 48 and w.abs().max() <= 0.5
+    assert set((w >= 0).nonzero().squeeze(1).tolist()) == set(norms.argsort(descending=True)[:48].tolist())
+    order = norms.argsort()
+    assert (w[order].diff() >= 0).all()
+
+
+def test_one_shot_baseline_is_the_merged_prune_and_leaves_the_mask_soft():
+    """The baseline printed beside PAT: the untrained PAT under a hard mask equals the merged narrower model."""
+    model = tiny(tie=True, eps=1e-2)
+    pat = PAT(model, ratio=0.25, milestone=10, hsm_rank=4, lora_rank=4)
+    keep = train_pat.top_n(torch.randn(64, generator=torch.Generator().manual_seed(2)), 48)
+    x = tokens()
+    ppl = train_pat.one_shot_ppl(pat, keep, lambda m: m(x))  # any function of the model stands in for WikiText2
+    assert not pat.is_hard and not bool(pat.hard) and bool(pat.keep.all())
+    pat.set_hard_mask(keep)
+    merged = merge(pat)
+    assert merged.args.dim == 48
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), ppl, atol=1e-4, rtol=1e-4)
+
+
 def test_mask_count_converges_to_target():
     """Count loss with the straight-through estimator brings the open channels to N before s0; then exactly N."""
     model = tiny(seed=2)
