@@ -108,22 +108,25 @@ class Attention(nn.Module):
         self.cache_k = self.cache_v = None  # (B, n_kv_heads, max_len, head_dim) while generating
 
     def forward(self, x, freqs_cis, start_pos=None, mask=None):
-        """mask: None for plain causal attention, else a boolean (B, 1, T, T) of what each query may see."""
+        """mask: None for plain causal attention, else a boolean (B, 1, T, T) of what each query may see.
+        Decode (one query) and a prompt from position 0 need no mask, so the flash kernel can run."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, freqs_cis), apply_rope(k, freqs_cis)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
-        if start_pos is None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
-        else:
+        if start_pos is not None:
             self.cache_k[:B, :, start_pos:start_pos + T] = k
             self.cache_v[:B, :, start_pos:start_pos + T] = v
             k, v = self.cache_k[:B, :, :start_pos + T], self.cache_v[:B, :, :start_pos + T]
-            # query t sits at position start_pos + t and sees every key up to there
-            mask = torch.arange(start_pos + T, device=x.device) <= torch.arange(start_pos, start_pos + T, device=x.device)[:, None]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            if start_pos and T > 1:  # a chunk after the prompt: query t, at start_pos + t, sees keys up to there
+                pos = torch.arange(start_pos + T, device=x.device)
+                mask = pos <= pos[start_pos:, None]
+        if mask is not None:  # SDPA's GQA runs in flash (no mask) and math only: repeat k/v for a fused masked kernel
+            k, v = (t.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1) for t in (k, v))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=mask is None)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -186,13 +189,16 @@ class Transformer(nn.Module):
                 table = self._rope_cache[device] = torch.polar(torch.ones_like(angles), angles)
         return table[start:end, None, :]
 
-    def forward(self, tokens, start_pos=None):
-        """Logits (B, T, vocab) in float32. start_pos=None: plain causal pass; an int: use the KV cache."""
+    def forward(self, tokens, start_pos=None, return_hidden=False):
+        """Logits (B, T, vocab) in float32. start_pos=None: plain causal pass; an int: use the KV cache.
+        return_hidden: the final normed hidden states (B, T, dim) instead, for a loss that applies `output` itself
+        a chunk of tokens at a time (whole fp32 logits are 4 GB at 8k tokens and a 128k vocabulary)."""
         h = self.tok_embeddings(tokens)
         freqs_cis = self.rope(start_pos or 0, tokens.shape[1], tokens.device)
         for layer in self.layers:
             h = layer(h, freqs_cis, start_pos)
-        return self.output(self.norm(h)).float()
+        h = self.norm(h)
+        return h if return_hidden else self.output(h).float()
 
     def setup_cache(self, batch_size, max_len):
         """Allocate the KV cache (None frees it)."""

@@ -35,6 +35,7 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 import checkpoint
 import data
 import training
+from chunked_loss import head_loss
 from cli import DTYPES, Progress, UserError, autocast, cli_main, parse_config
 from eval import WikiText2
 from model import Transformer
@@ -75,6 +76,23 @@ class ASTArgs(TrainArgs):
 # the sparse layer: W ⊙ M forward, straight-through backward, optional SLoRB
 
 
+class MaskedLinear(torch.autograd.Function):
+    """y = x (W ⊙ M)ᵀ forward; backward grad_x = g (W ⊙ M) and grad_W = gᵀx, straight through to the dense W
+    (STE). Saves x, W and M themselves: W ⊙ M exists, in x's dtype, only while a matmul needs it."""
+
+    @staticmethod
+    def forward(ctx, x, weight, mask):
+        ctx.save_for_backward(x, weight, mask)
+        return F.linear(x, weight.to(x.dtype, copy=True).mul_(mask))
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, mask = ctx.saved_tensors
+        grad_x = g @ weight.to(g.dtype, copy=True).mul_(mask) if ctx.needs_input_grad[0] else None
+        grad_w = (g.flatten(0, -2).mT @ x.flatten(0, -2)).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w, None
+
+
 class SparseLinear(nn.Linear):
     """y = (W ⊙ M) x [+ S (X x)]. Shares the dense layer's weight Parameter, so state-dict names don't change;
     the mask is a non-persistent buffer (it is saved by the trainer and by checkpoint.save(masks=))."""
@@ -88,9 +106,9 @@ class SparseLinear(nn.Linear):
             self.slorb_x, self.slorb_s = (nn.Parameter(t) for t in slorb_init(linear.weight.detach(), mask, slorb_k))
 
     def forward(self, x):
-        # value W ⊙ M, gradient the identity to the dense W (the pruned part is subtracted as a constant)
-        w = self.weight - (self.weight * ~self.mask).detach()
-        y = F.linear(x, w)
+        on = torch.is_autocast_enabled(x.device.type)  # autocast's dtype for the matmul, as F.linear would take
+        y = MaskedLinear.apply(x.to(torch.get_autocast_dtype(x.device.type) if on else self.weight.dtype),
+                               self.weight, self.mask)
         if self.slorb_k:
             y = y + F.linear(F.linear(x, self.slorb_x), self.slorb_s)
         return y
@@ -205,21 +223,19 @@ def decay_at(step: int, args) -> float:
 # loss
 
 
-def ast_loss(logits, targets, teacher_logits, alpha, temperature, kl="forward"):
-    """α·T²·KL + (1 − α)·CE (the paper's distillation loss); KL summed over the vocabulary, averaged over tokens.
+def ast_loss(student, teacher, x, y, args, dtype):
+    """α·T²·KL(teacher ‖ student) + (1 − α)·CE, the paper's distillation loss (--kl reverse: KL(student ‖ teacher));
+    KL summed over the vocabulary and averaged over tokens; plain CE without a teacher. The LM heads run a chunk of
+    tokens at a time on the final hidden states (chunked_loss.py): no (tokens, vocab) logits.
     Returns (loss, ce, kl or None)."""
-    ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-    if teacher_logits is None:
-        return ce, ce, None
-    log_s = F.log_softmax(logits.float() / temperature, dim=-1)
-    log_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    if kl == "forward":  # KL(p_teacher ‖ p_student)
-        div = (log_t.exp() * (log_t - log_s)).sum(-1).mean()
-    elif kl == "reverse":  # KL(p_student ‖ p_teacher)
-        div = (log_s.exp() * (log_s - log_t)).sum(-1).mean()
-    else:
-        raise UserError(f"--kl {kl!r}: use forward or reverse")
-    return alpha * temperature ** 2 * div + (1 - alpha) * ce, ce, div
+    hidden = student(x, return_hidden=True)
+    t_hidden = t_head = None
+    if teacher is not None and args.alpha > 0:
+        with torch.no_grad():
+            t_hidden = teacher(x, return_hidden=True)
+        t_head = teacher.output.weight
+    head = getattr(student, "module", student).output.weight  # DDP wraps; FSDP's root stays unsharded to backward
+    return head_loss(hidden, head, y, t_hidden, t_head, args.alpha, args.temperature, args.kl, dtype)
 
 
 def train_step(student, teacher, optimizer, batches, step, args, device, dtype, world_size=1, last_ckpt=None):
@@ -232,12 +248,7 @@ def train_step(student, teacher, optimizer, batches, step, args, device, dtype, 
         x, y = (t.to(device) for t in batches.next())
         sync = micro == args.grad_accum - 1 or not hasattr(student, "no_sync")
         with (nullcontext() if sync else student.no_sync()), autocast(dtype, device):
-            logits = student(x)
-            teacher_logits = None
-            if teacher is not None and args.alpha > 0:
-                with torch.no_grad():
-                    teacher_logits = teacher(x)
-            loss, ce, kl = ast_loss(logits, y, teacher_logits, args.alpha, args.temperature, args.kl)
+            loss, ce, kl = ast_loss(student, teacher, x, y, args, dtype)
         (loss / args.grad_accum).backward()
         parts += torch.stack([loss.detach(), ce.detach(), kl.detach() if kl is not None else ce.new_zeros(())])
     parts /= args.grad_accum

@@ -62,3 +62,52 @@ def test_a_config_that_cant_work_raises_value_error(tiny_args):
     with pytest.raises(ValueError, match="slorb_k=5 does not divide the input dim 64"):
         Transformer(tiny_args(slorb_k=5))
     assert tiny_args(n_kv_heads=None).n_kv_heads == 4 and tiny_args().head_dim == 16  # the defaults
+
+
+def test_return_hidden_is_what_the_head_reads(tiny_args):
+    """return_hidden=True: the final normed hidden states, from which `output` gives the usual logits."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_args())
+    tokens = torch.randint(0, 256, (2, 12))
+    hidden = model(tokens, return_hidden=True)
+    assert hidden.shape == (2, 12, 64)
+    torch.testing.assert_close(model.output(hidden).float(), model(tokens), rtol=0, atol=0)
+
+
+def test_decode_token_by_token_matches_full_forward(tiny_args):
+    """A prompt from position 0 (is_causal), then one token at a time (no mask), for two rows at once."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_args()).eval()
+    tokens = torch.randint(0, 256, (2, 20))
+    full = model(tokens)
+    model.setup_cache(2, 20)
+    steps = [model(tokens[:, :7], start_pos=0)] + [model(tokens[:, t:t + 1], start_pos=t) for t in range(7, 20)]
+    model.setup_cache(None, None)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_calls_sdpa_so_a_fused_kernel_can_run(tiny_args, monkeypatch):
+    """Flash takes GQA and is_causal but no mask: training, a prompt from 0 and one-query decode pass no mask; a
+    masked call (a chunk after the prompt, eval's packed rows) repeats k/v to q's heads instead of enable_gqa."""
+    calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False):
+        calls.append((attn_mask is not None, is_causal, enable_gqa, q.shape[1], k.shape[1]))
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=enable_gqa)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    model = Transformer(tiny_args(n_layers=1)).eval()  # 4 query heads, 2 kv heads
+    tokens = torch.randint(0, 256, (1, 12))
+    model(tokens)
+    model.setup_cache(1, 12)
+    model(tokens[:, :6], start_pos=0)
+    model(tokens[:, 6:7], start_pos=6)
+    model(tokens[:, 7:], start_pos=7)
+    model.setup_cache(None, None)
+    causal = torch.ones(12, 12, dtype=torch.bool).tril()[None, None]
+    model.layers[0](model.tok_embeddings(tokens), model.rope(0, 12, "cpu"), mask=causal)  # as eval.packed_hidden
+    #             (mask,  is_causal, enable_gqa, q heads, k heads)
+    assert calls == [(False, True, True, 4, 2),  # training / a full forward
+                     (False, True, True, 4, 2),  # a prompt from position 0
+                     (False, False, True, 4, 2),  # one query: sees the whole cache
+                     (True, False, False, 4, 4),  # a chunk after the prompt
+                     (True, False, False, 4, 4)]  # an explicit mask
