@@ -1,7 +1,8 @@
 """
 The README's storage table: a real 2:4 SmolLM2-135M (magnitude 2:4 on the 7 projections of every block)
-packed by kernels.pack in each storage form; bytes per weight counted from the files (header, positions,
-scales and mins included), compression vs fp32, pack time, and the packed model's logits vs the 2:4 model's.
+packed by kernels.pack in each storage form (pattern-coded positions, and once the older 2-bit positions);
+bytes per weight counted from the files (header, positions, scales and mins included), compression vs fp32,
+pack time, and the packed model's logits vs the 2:4 model's.
 
     python bench/pack_smollm2.py [--ckpt smollm2-135m] [--out out/pack_smollm2]
 
@@ -23,9 +24,10 @@ from checkpoint import load  # noqa: E402
 from cli import cli_main, parse_config  # noqa: E402
 from kernels import pack  # noqa: E402
 
-FORMS = [  # (label, pack CLI flags)
+FORMS = [  # (label, pack CLI flags); positions are pattern-coded (the default) unless --positions 2bit
     ("2:4, fp32 values", []),
     ("2:4, bf16 values (all tensors bf16)", ["--dtype", "bfloat16"]),
+    ("2:4, 4-bit g128 values (fp32 rest), 2-bit positions (format 1)", ["--bits", "4", "--positions", "2bit"]),
     ("2:4, 4-bit g128 values (fp32 rest)", ["--bits", "4"]),
     ("2:4, 4-bit g128 values (bf16 rest)", ["--bits", "4", "--dtype", "bfloat16"]),
 ]
@@ -88,14 +90,15 @@ def main(argv=None):
     state = checkpoint.read_safetensors(out / "ckpt_2to4" / "model.safetensors")
     names = [k + ".weight" for k in masks]
     for bits in (0, 4):
-        c0 = time.process_time()
-        tensors, layout = packed.pack_state_dict(state, names, masks, bits, 128)
-        c1 = time.process_time()
-        back = packed.unpack_state_dict(tensors, layout)
-        c2 = time.process_time()
-        same = all(torch.equal(back[k], state[k]) for k in state)
-        print(f"--bits {bits}: pack_state_dict {c1 - c0:.1f}s CPU, unpack_state_dict {c2 - c1:.1f}s CPU (1 thread, "
-              f"{len(names)} weights); unpacked == 2:4 weights: {same}")
+        for code in packed.POSITIONS:
+            c0 = time.process_time()
+            tensors, layout = packed.pack_state_dict(state, names, masks, bits, 128, positions=code)
+            c1 = time.process_time()
+            back = packed.unpack_state_dict(tensors, layout)
+            c2 = time.process_time()
+            same = all(torch.equal(back[k], state[k]) for k in state)
+            print(f"--bits {bits} --positions {code}: pack_state_dict {c1 - c0:.1f}s CPU, unpack_state_dict "
+                  f"{c2 - c1:.1f}s CPU (1 thread, {len(names)} weights); unpacked == 2:4 weights: {same}")
 
 
 if __name__ == "__main__":
