@@ -24,8 +24,8 @@ from checkpoint import load  # noqa: E402
 from cli import peak_memory_gb  # noqa: E402
 from data import TokenBatches  # noqa: E402
 from sparsity import nm_mask, prunable_linears  # noqa: E402
-from train_ast import ARSAdamW, ASTArgs, sparsify, train_step, update_masks  # noqa: E402
-from training import autocast_dtype, setup_distributed  # noqa: E402
+from train_ast import ASTArgs, make_optimizer, sparsify, train_step, update_masks  # noqa: E402
+from training import autocast_dtype, pack_bits, setup_distributed  # noqa: E402
 
 
 def rss_gb():
@@ -49,9 +49,8 @@ def run_mode(a):
                        tokenizer=False)[0].requires_grad_(False)
         masks = {n: nm_mask(l.weight.detach().abs().float(), 2, 4) for n, l in prunable_linears(student).items()}
         layers = sparsify(student, masks)
-        init = {n: m.clone() for n, m in masks.items()}
-        opt = ARSAdamW(student.parameters(), {l.weight: l.mask for l in layers.values()}, lr=args.lr,
-                       betas=(0.9, 0.95))
+        init = {n: pack_bits(m) for n, m in masks.items()}  # as the trainer keeps them: packed, on the device
+        opt = make_optimizer(student, layers, args)
     else:
         opt = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     student.train()
