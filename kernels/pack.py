@@ -163,6 +163,8 @@ def pack_checkpoint(cfg: PackConfig) -> dict:
 def gptq_weights(cfg: PackConfig, ckpt: Path, state: dict, names: list, masks: dict | None):
     """GPTQ every packed weight, block by block (sparsity.calibrate_blocks); state's packed weights become
     GPTQ's (fp32, on their grids). Returns ({weight name: (scales, mins)}, {"gptq_s", "gptq_forward_s"})."""
+    for name in names:  # a weight that is not 2:4 fails now, not after the blocks before it are calibrated
+        packed.check_2to4(name, state[name], masks.get(name.removesuffix(".weight")) if masks else None)
     device = resolve_device(cfg.device)
     model, tok = checkpoint.load(ckpt, device=device, dtype=torch.float32)
     linears = sparsity.prunable_linears(model)

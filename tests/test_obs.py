@@ -308,7 +308,7 @@ def test_pack_gptq_bf16_keeps_the_codes_of_fp32(tmp_path, data_dir):
         assert states["bfloat16"][name].dtype == torch.bfloat16 and torch.equal(states["bfloat16"][name], w.bfloat16())
 
 
-def test_pack_gptq_flags_fail_before_any_work(tmp_path, cli_error):
+def test_pack_gptq_flags_fail_before_any_work(tmp_path, cli_error, data_dir, monkeypatch):
     ckpt = tmp_path / "ck"
     torch.manual_seed(0)
     model = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=256, hidden_dim=128))
@@ -321,3 +321,9 @@ def test_pack_gptq_flags_fail_before_any_work(tmp_path, cli_error):
     for message, argv in bad.items():
         assert message in cli_error(lambda: pack.main(base + argv))
     assert not (tmp_path / "o").exists()
+    dense = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=256, hidden_dim=128))
+    checkpoint.save(dense, None, tmp_path / "dense")  # not 2:4: refused before the model is loaded to calibrate
+    monkeypatch.setattr(checkpoint, "load", lambda *a, **k: pytest.fail("loaded the model before checking 2:4"))
+    with pytest.raises(UserError, match=r"layers\.0\.attention\.w[qkvo]\.weight: not 2:4 sparse"):
+        pack.main(["--ckpt", str(tmp_path / "dense"), "--out", str(tmp_path / "o"), "--bits", "4", "--quantizer",
+                   "gptq", "--data-dir", str(data_dir)])
