@@ -154,3 +154,16 @@ def test_quantize4_with_a_given_grid_and_refusals():
         packed.pack_state_dict({"w": w}, ["w"], bits=4, group_size=256, grids={"w": (scales, mins)})
     with pytest.raises(UserError, match="--positions '3bit'"):
         packed.pack_state_dict({"w": w}, ["w"], positions="3bit")
+
+
+def test_quantize4_reproduces_the_gguf_q4_1_weights_of_smollm2_at_32_inputs_per_group(smollm2):
+    """An independent reference for the 4-bit grid: SmolLM2's weights come from llama.cpp's Q4_1 (a scale and a
+    min per 32 inputs, 16 levels), so asymmetric 4-bit with groups of 32 must give them back exactly; groups of
+    128 put four Q4_1 grids on one and must not (that is why 4-bit g128 costs SmolLM2 so much)."""
+    model, _ = smollm2
+    for name in ("layers.0.attention.wq", "layers.0.feed_forward.w2", "layers.29.feed_forward.w1"):
+        w = model.get_submodule(name).weight.detach()
+        back = packed.dequantize4(*packed.quantize4(w, 32), w.shape, 32)
+        torch.testing.assert_close(back, w, rtol=0, atol=1e-6 * w.abs().max().item())
+        coarse = packed.dequantize4(*packed.quantize4(w, 128), w.shape, 128)
+        assert (coarse - w).norm() > 0.02 * w.norm()
