@@ -2,9 +2,10 @@
 trainable mask, shared by Hybrid Sparsification Modules (HSMs) on every write into the residual stream,
 learns which hidden channels to drop; then merge everything into a plain, narrower Llama (dim d -> d').
 
-    python train_pat.py                                    # CPU demo on SmolLM2-135M (about a minute on 2 idle cores)
-    python train_pat.py --ckpt llama2-7b --ratio 0.25 --max-steps 30000 --batch-size 8 --grad-accum 16 \
-        --seq-len 256 --lr 5e-5 --ppl-windows 0            # the paper's recipe (LaMini, 3 epochs)
+    python train_pat.py                # CPU demo on SmolLM2-135M: 90 steps, our mask init (README: time and numbers)
+    python train_pat.py --ckpt llama2-7b --data instruct/lamini-10k.jsonl --mask-init zeros --max-steps 30000 \
+        --milestone 10000 --batch-size 8 --grad-accum 16 --seq-len 256 --lr 5e-5 --mask-lr 5e-5 --warmup-steps 100 \
+        --grad-clip 0.3 --hsm-rank 200 --lora-rank 20 --lora-alpha 4 --ppl-windows 0   # the paper's recipe
     torchrun --nproc_per_node 8 train_pat.py --ckpt llama2-7b ...
 
 The model is never edited: LoRA and the HSMs (y -> s (I + L1 diag(v) L0) y times the shared mask) are forward
@@ -43,28 +44,28 @@ class PATArgs(TrainArgs):
     """Pruning-Aware Tuning: LoRA + a trainable hidden-channel mask, merged into a narrower Llama."""
     # the defaults of the shared fields are the CPU demo's (python train_pat.py with no arguments)
     out: str = "out/pat"
-    max_steps: int = 16
+    max_steps: int = 90
     batch_size: int = 4
     seq_len: int = 128
     lr: float = 1e-3  # LoRA and HSM peak lr (the paper: 5e-5 over ~30k steps on Llama-2-7B)
-    warmup_steps: int = 2
+    warmup_steps: int = 5
     ckpt_interval: int = 0
     eval_interval: int = 0
     ppl_windows: int = 4
     ppl_seq_len: int = 512
-    log_interval: int = 1
-    data: str = "instruct/lamini-10k.jsonl"  # instruction JSONL (under --data-dir unless a path), "text", or text files a,b
+    log_interval: int = 5
+    data: str = "text"  # instruction JSONL (under --data-dir unless a path; the paper: LaMini), "text", or files a,b
     ratio: float = 0.25  # fraction of the hidden dimension to remove; 0: plain LoRA fine-tuning
     width_multiple: int = 8  # the final width is a multiple of this
     milestone: int = 0  # s0: the step where the mask becomes hard; 0: max_steps // 3
-    freeze_at: float = 0.8  # from this fraction of s0 the task loss stops reaching the mask logits and tau stops (official: 0.8); 1: no freeze
+    freeze_at: float = 0.8  # fraction of s0 from which tau and the task's pull on the mask stop (official); 1: none
     mask_lr: float = 0.02  # lr of the mask logits
-    mask_init: Literal["zeros", "rms"] = "zeros"  # zeros: the paper's; rms (ours): logits from the residual channels' RMS, the N largest open
-    calib_batches: int = 4  # training batches for --mask-init rms and the one-shot baseline (rewound: training sees them too)
+    mask_init: Literal["rms", "zeros"] = "rms"  # zeros: the paper's; rms (ours, the demo's): from channel norms
+    calib_batches: int = 4  # first training batches that measure the channel norms (rms init, one-shot baseline)
     baseline: bool = True  # also print the one-shot prune of the lowest-RMS channels at the same width (same windows)
     count_weight: float = 10.0  # weight of the count loss |#open - N| / N (official code: 10)
     polar_weight: float = 1.0  # weight of the polarisation term that pushes logits to +-0.5 (official code: 1)
-    identity_weight: float = 1.0  # lambda_id: Identity Loss, averaged over all HSMs
+    identity_weight: float = 1.0  # lambda_id: Identity Loss summed over all HSMs (the paper); 1/(2L+1): the mean
     hsm_rank: int = 8  # r of each HSM (paper: 200 for d = 4096)
     lora_rank: int = 8  # LoRA on all seven projections (paper: 20)
     lora_alpha: float = 16.0  # LoRA scale alpha (the update is alpha / r * B A)
@@ -124,8 +125,7 @@ class HSM(nn.Module):
     def identity_loss(self):
         """||L0 L0^T - I_r||_F + ||L1^T L1 - I_r||_F (paper eq.): L0, L1 carry rotation, v and s the scale."""
         eye = torch.eye(self.rank, device=self.L0.device)
-        return (torch.linalg.matrix_norm(self.L0 @ self.L0.T - eye)
-                + torch.linalg.matrix_norm(self.L1.T @ self.L1 - eye))
+        return torch.linalg.matrix_norm(self.L0 @ self.L0.T - eye) + torch.linalg.matrix_norm(self.L1.T @ self.L1 - eye)
 
 
 class PAT(nn.Module):
@@ -139,7 +139,8 @@ class PAT(nn.Module):
         self.model = model.requires_grad_(False)
         args, self.dim = model.args, model.args.dim
         self.n_open = target_width(args.dim, ratio, width_multiple) if ratio > 0 else args.dim
-        self.milestone, self.freeze, self.step, self.is_hard = milestone, int(freeze_at * milestone), 0, False
+        self.milestone, self.freeze, self.is_hard = milestone, int(freeze_at * milestone), False
+        self.frozen = self.freeze <= 0  # host bools that flip once: a compiled forward recompiles once, not per step
         self.lora, self.hsms, self.hooks = nn.ModuleDict(), nn.ModuleDict(), []
         for name, module in model.named_modules():
             if lora_rank and name.endswith(PROJECTIONS):
@@ -187,13 +188,13 @@ class PAT(nn.Module):
         w = self.mask_logits
         if self.is_hard:
             return self.keep.float() + 0.0 * w  # w stays in the graph with a zero gradient (DDP wants every param used)
-        if self.step >= self.freeze:  # official: from 0.8 s0 only the count and polarisation terms move the logits
+        if self.frozen:  # official: from 0.8 s0 only the count and polarisation terms move the logits
             w = w.detach()
         return torch.sigmoid(self.tau * w) + self.beta
 
     def set_step(self, step):
         """Advance the schedule; at the milestone keep exactly the top-N logits (the final width asked for)."""
-        self.step = step
+        self.frozen = step >= self.freeze
         if not self.prunes or self.is_hard:
             return
         if step >= self.milestone:
@@ -202,11 +203,11 @@ class PAT(nn.Module):
             for buffer, value in zip((self.tau, self.beta), mask_schedule(step, self.milestone, self.freeze)):
                 buffer.fill_(value)
 
-    def set_hard_mask(self, keep: torch.Tensor):
-        """Use a given hard mask (bool, d) from now on: a merge without training, or an outside channel choice."""
-        self.keep.copy_(keep)
-        self.hard.fill_(True)
-        self.is_hard = True
+    def set_hard_mask(self, keep: torch.Tensor | None):
+        """Use a given hard mask (bool, d) from now on (a merge without training, an outside choice); None: soft again."""
+        self.is_hard = keep is not None
+        self.keep.copy_(keep if self.is_hard else torch.ones_like(self.keep))
+        self.hard.fill_(self.is_hard)
 
     def n_open_now(self) -> int:
         """Open channels (w >= 0, as the count loss sees them); a host sync: call it on logging steps only."""
@@ -295,7 +296,7 @@ def merge(pat: PAT):
             raise UserError("the mask is still soft: train past --milestone before merging")
         keep = pat.keep.nonzero().squeeze(1).to(model.output.weight.device)
         d, d_new = args.dim, len(keep)
-        tied = tied and not pat.hsms["tok_embeddings"].rank  # the LM head reads the untransformed table: a full embedding HSM unties
+        tied = tied and not pat.hsms["tok_embeddings"].rank  # a full embedding HSM unties: the head reads the raw table
         for key, hsm in pat.hsms.items():
             name = names[key]
             w = state[name + ".weight"]
@@ -382,8 +383,7 @@ def one_shot_ppl(pat, keep, wikitext):
     under a hard mask is exactly the one-shot prune (merge is exact), so no second copy of the model is made."""
     pat.set_hard_mask(keep)
     ppl = wikitext(pat.model)
-    pat.keep.fill_(True), pat.hard.fill_(False)  # back to the soft mask of a fresh run
-    pat.is_hard = False
+    pat.set_hard_mask(None)  # back to the soft mask of a fresh run
     return ppl
 
 

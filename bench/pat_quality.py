@@ -117,7 +117,7 @@ def main():
     p.add_argument("--ratio", type=float, default=0.25)
     p.add_argument("--data", default="text", help="train_pat --data")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--max-steps", type=int, default=450)
+    p.add_argument("--max-steps", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)

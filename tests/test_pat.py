@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 
 import train_pat
 from model import ModelArgs, Transformer
@@ -214,6 +215,23 @@ def test_forward_and_losses_read_nothing_back_from_the_device(monkeypatch):
             count_loss, polar = pat.mask_losses()
             (pat(x).float().logsumexp(-1).mean() + count_loss + polar + pat.identity_loss()).backward()
     assert pat.tau is tau and float(tau) == pytest.approx(mask_schedule(8, 10)[0])
+
+
+def test_soft_steps_do_not_recompile_a_compiled_model():
+    """tau and beta are tensors updated in place and the phase flags flip once, so torch.compile traces the soft
+    phase once (a Python-float tau recompiled at every step). backend="eager": dynamo's tracing only, no codegen."""
+    torch._dynamo.reset()
+    counters.clear()
+    pat = PAT(tiny(), ratio=0.25, milestone=10, hsm_rank=4, lora_rank=4)
+    pat.compile(backend="eager")
+    graphs = []
+    with torch.no_grad():
+        for step in range(2, 6):  # soft steps, tau changing at each
+            pat.set_step(step)
+            pat(tokens())
+            graphs.append(counters["stats"]["unique_graphs"])
+    torch._dynamo.reset()
+    assert graphs[1:] == [graphs[1]] * 3, graphs  # the second call may add one graph (the mask attribute is set)
 
 
 def test_mask_init_rms_opens_exactly_the_n_largest_channels():
