@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import checkpoint  # noqa: E402
 import data  # noqa: E402
 import train_pat  # noqa: E402
-from cli import atomic_write  # noqa: E402
+from cli import atomic_write, cli_main  # noqa: E402
 from eval import WikiText2, evaluate  # noqa: E402
 
 ARMS = {"lora": "LoRA only, dense (0%)", "prune_lora": "prune lowest-norm channels, then LoRA",
@@ -55,7 +55,8 @@ def run_arm(arm, a, out, common):
         ckpt = str(out / "pruned")
         if not (out / "pruned" / "params.json").exists():
             prune_lowest_norm(a, out / "pruned")
-    flags = {"lora": ["--ratio", "0"], "prune_lora": ["--ratio", "0"], "pat": ["--ratio", str(a.ratio)],
+    flags = {"lora": ["--ratio", "0"], "prune_lora": ["--ratio", "0"],
+             "pat": ["--ratio", str(a.ratio), "--mask-init", "zeros"],
              "pat_rms": ["--ratio", str(a.ratio), "--mask-init", "rms"]}[arm]
     resume = ["--resume"] if (run / "state.pt").exists() else ["--overwrite"]  # --overwrite: died before a checkpoint
     train_pat.main(common + flags + ["--ckpt", ckpt, "--out", str(run)] + resume)
@@ -127,6 +128,7 @@ def main():
     p.add_argument("--eval-interval", type=int, default=50, help="steps between perplexity points of the curve")
     p.add_argument("--ckpt-interval", type=int, default=50, help="steps between resumable checkpoints of an arm")
     p.add_argument("--limit", type=int, default=500, help="first N items of each zero-shot task")
+    p.add_argument("--resume", action="store_true", help="accepted, not needed: a rerun always continues")
     a = p.parse_args()
     arms = [arm.strip() for arm in a.arms.split(",") if arm.strip()]
     if unknown := [arm for arm in arms if arm not in ARMS]:
@@ -156,4 +158,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli_main(main)  # a stopped arm (Ctrl-C, SIGTERM) ends with one line; rerunning the command continues it
