@@ -190,7 +190,8 @@ def test_pack_real_smollm2(tmp_path, smollm2):
             assert report["linear_compression_vs_fp32"] == pytest.approx(4 / (2 + 1 / 12), rel=1e-3)
         else:  # per-weight bound is tested above; this only guards against a broken layer (measured 0.41)
             assert (got - ref).norm() / ref.norm() < 0.6
-            assert report["linear_compression_vs_fp32"] > 11.4  # 0.25 + 1/12 + 4/256 bytes: 11.46x before the header
+            # 0.25 + 1/12 + 4 B per group of 128 kept values, but a 576-input row ends in a group of 32: 11.30x
+            assert report["linear_compression_vs_fp32"] > 11.25
 
 
 def test_pack_never_leaves_a_mixed_folder_and_takes_a_name(tmp_path, cli_error):
