@@ -29,12 +29,6 @@ def magnitude_masks(model):
     return {n: nm_mask(l.weight.detach().abs(), 2, 4) for n, l in prunable_linears(model).items()}
 
 
-def byte_tokenizer():
-    from tokenizer import TiktokenTokenizer
-    return TiktokenTokenizer({bytes([i]): i for i in range(256)}, {"<s>": 256, "</s>": 257}, r"\S+|\s+",
-                             bos_id=256, eos_id=257, add_bos=False, specials_in_text=False, name="bytes")
-
-
 # ----------------------------------------------------------------------------- the method, piece by piece
 
 def test_masks_stay_bool_and_2_4_after_every_update():
