@@ -4,7 +4,7 @@
     python bench/bench_pat_speed.py --final out/pat/final  # time a trained merged model instead
     python bench/bench_pat_speed.py --device cuda --dtype bfloat16
 
-Without --final the merged model comes from `train_pat.merge` with a hard mask and no training (the
+Without --final the merged model comes from `pat.prune_channels` (a hard mask merged) and no training (the
 lowest-norm embedding channels are dropped; no LoRA, no HSM operators): speed depends only on the shapes,
 which are exactly those of a trained PAT model. Dense and merged runs alternate and each number is the
 median of --repeat runs, so load from other processes hits both alike. Prefill: one forward of B x T tokens
@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from checkpoint import load  # noqa: E402
-from train_pat import PAT, merge, target_width  # noqa: E402
+from pat import prune_channels, target_width, top_n  # noqa: E402
 
 
 def sync(device):
@@ -37,16 +37,9 @@ def seconds(fn, device):
 
 
 def merged_without_training(model, ratio, multiple):
-    """The narrower model a PAT run would produce, from a hard mask alone (lowest-norm channels dropped)."""
-    pat = PAT(model, ratio=ratio, width_multiple=multiple, milestone=1, hsm_rank=0, lora_rank=0)
+    """The narrower model a PAT run would produce, from a hard mask alone (lowest-norm embedding channels dropped)."""
     n = target_width(model.args.dim, ratio, multiple)
-    keep = torch.zeros(model.args.dim, dtype=torch.bool)
-    keep[model.tok_embeddings.weight.float().norm(dim=0).topk(n).indices.cpu()] = True
-    pat.set_hard_mask(keep.to(pat.keep.device))
-    merged = merge(pat)
-    for hook in pat.hooks:  # give the dense model back untouched
-        hook.remove()
-    return merged
+    return prune_channels(model, top_n(model.tok_embeddings.weight.float().norm(dim=0), n))
 
 
 def main():

@@ -6,9 +6,9 @@
 
 Arms (LoRA on the seven projections in every arm: same flags, data order, steps, batch and seq_len):
 - lora:       dense LoRA fine-tuning (train_pat --ratio 0), the unpruned reference;
-- prune_lora: one-shot prune of the channels of lowest residual-stream norm (train_pat.residual_channel_norms over
-              the --calib-batches first training batches, the ones train_pat's own baseline uses), merged with
-              train_pat.merge, then LoRA (train_pat --ratio 0 on the narrower checkpoint);
+- prune_lora: one-shot prune of the channels of lowest residual-stream norm (pat.residual_channel_norms over the
+              --calib-batches first training batches, the ones train_pat's own baseline uses; pat.prune_channels),
+              then LoRA (train_pat --ratio 0 on the narrower checkpoint), as train_pat --baseline lora does;
 - pat:        PAT as in the paper (mask logits start at 0), with the official freeze at 0.8 s0;
 - pat_rms:    PAT with our data start of the mask logits (--mask-init rms), everything else as `pat`.
 Each arm is a train_pat run in <out>/<arm>/ (a stopped one continues with train_pat's --resume; the study saves
@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import checkpoint  # noqa: E402
 import data  # noqa: E402
+import pat  # noqa: E402
 import train_pat  # noqa: E402
 from cli import atomic_write, cli_main  # noqa: E402
 from eval import WikiText2, evaluate  # noqa: E402
@@ -40,10 +41,9 @@ def prune_lowest_norm(a, out_dir):
     model, tokenizer = checkpoint.load(a.ckpt)
     batches = data.training_batches(a.data, data.resolve_data_dir(a.data_dir), tokenizer, a.seq_len, a.batch_size,
                                     seed=0)  # train_pat's default --seed: the same batches as its baseline
-    norms = train_pat.residual_channel_norms(model, [batches.next()[0] for _ in range(a.calib_batches)])
-    pat = train_pat.PAT(model, ratio=a.ratio, milestone=1, hsm_rank=0, lora_rank=0)
-    pat.set_hard_mask(train_pat.top_n(norms, pat.n_open))
-    checkpoint.save(train_pat.merge(pat), tokenizer, out_dir,
+    norms = pat.residual_channel_norms(model, [batches.next()[0] for _ in range(a.calib_batches)])
+    keep = pat.top_n(norms, pat.target_width(model.args.dim, a.ratio, train_pat.PATArgs.width_multiple))
+    checkpoint.save(pat.prune_channels(model, keep), tokenizer, out_dir,
                     meta={"method": "one-shot prune of the lowest residual-norm channels", "ratio": a.ratio})
 
 
@@ -65,7 +65,7 @@ def run_arm(arm, a, out, common):
     ppl = WikiText2(tokenizer, data_dir, a.ppl_seq_len, a.ppl_windows)
     results = evaluate(model, tokenizer, TASKS, data_dir, limit=a.limit)["results"]
     log = [json.loads(line) for line in open(run / "log.jsonl")]
-    record = {"arm": arm, "dim": model.args.dim, "params": train_pat.count_params(model), "ppl": ppl(model),
+    record = {"arm": arm, "dim": model.args.dim, "params": pat.count_params(model), "ppl": ppl(model),
               "ppl_protocol": ppl.describe(), "acc": {t: results[t]["acc"] for t in TASKS},
               "acc_norm": {t: results[t]["acc_norm"] for t in TASKS},
               "curve": [(r["step"], r["ppl"]) for r in log if r.get("ppl") is not None],
@@ -139,7 +139,7 @@ def main():
               "--seq-len", str(a.seq_len), "--lr", str(a.lr), "--warmup-steps", str(max(1, a.max_steps // 20)),
               "--ppl-windows", str(a.ppl_windows), "--ppl-seq-len", str(a.ppl_seq_len),
               "--eval-interval", str(a.eval_interval), "--ckpt-interval", str(a.ckpt_interval),
-              "--calib-batches", str(a.calib_batches), "--log-interval", "10"]
+              "--calib-batches", str(a.calib_batches), "--log-interval", "10", "--baseline", "prune"]
     common += ["--data-dir", a.data_dir] if a.data_dir else []
     records = []
     for arm in arms:

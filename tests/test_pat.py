@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
+import pat as pat_method
 import train_pat
 from model import ModelArgs, Transformer
-from train_pat import PAT, HSM, mask_schedule, merge, target_width
+from pat import PAT, HSM, mask_schedule, merge, prune_channels, target_width
 
 
 def tiny(tie=False, eps=1e-5, seed=0, **kw):
@@ -247,10 +248,10 @@ def test_mask_init_rms_opens_exactly_the_n_largest_channels():
     for h in hooks:
         h.remove()
     assert len(seen) == 2 * 2 + 1  # attention and ffn norms per layer, then the final norm
-    norms = train_pat.residual_channel_norms(model, [x[:2], x[2:]])
+    norms = pat_method.residual_channel_norms(model, [x[:2], x[2:]])
     torch.testing.assert_close(norms, sum(s.pow(2).sum((0, 1)) for s in seen).sqrt())
     pat = PAT(model, ratio=0.25, milestone=10, hsm_rank=4, lora_rank=0)
-    train_pat.init_mask_from_norms(pat, norms)
+    pat_method.init_mask_from_norms(pat, norms)
     w = pat.mask_logits.detach()
     assert pat.n_open_now() == 48 and w.abs().max() <= 0.5
     assert set((w >= 0).nonzero().squeeze(1).tolist()) == set(norms.argsort(descending=True)[:48].tolist())
@@ -258,19 +259,24 @@ def test_mask_init_rms_opens_exactly_the_n_largest_channels():
     assert (w[order].diff() >= 0).all()
 
 
-def test_one_shot_baseline_is_the_merged_prune_and_leaves_the_mask_soft():
-    """The baseline printed beside PAT: the untrained PAT under a hard mask equals the merged narrower model."""
+def test_one_shot_prune_is_the_untrained_pat_under_that_mask_and_leaves_the_model_alone():
+    """The baseline beside PAT: prune_channels equals an untrained PAT under the same hard mask (LoRA B = 0, HSMs
+    the identity), removes the channels not kept, and takes its hooks away again."""
     model = tiny(tie=True, eps=1e-2)
-    pat = PAT(model, ratio=0.25, milestone=10, hsm_rank=4, lora_rank=4)
-    keep = train_pat.top_n(torch.randn(64, generator=torch.Generator().manual_seed(2)), 48)
     x = tokens()
-    ppl = train_pat.one_shot_ppl(pat, keep, lambda m: m(x))  # any function of the model stands in for WikiText2
-    assert not pat.is_hard and not bool(pat.hard) and bool(pat.keep.all())
-    pat.set_hard_mask(keep)
-    merged = merge(pat)
-    assert merged.args.dim == 48
     with torch.no_grad():
-        torch.testing.assert_close(merged(x), ppl, atol=1e-4, rtol=1e-4)
+        dense = model(x)
+    keep = pat_method.top_n(torch.randn(64, generator=torch.Generator().manual_seed(2)), 48)
+    pruned = prune_channels(model, keep)
+    assert pruned.args.dim == 48 and pruned.args.tie_embeddings
+    torch.testing.assert_close(pruned.tok_embeddings.weight, model.tok_embeddings.weight[:, keep])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), dense, atol=0, rtol=0)  # no hook left behind
+    pat = PAT(model, ratio=0.25, milestone=10, hsm_rank=4, lora_rank=4)
+    pat.set_hard_mask(keep)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), model(x), atol=1e-4, rtol=1e-4)
+        assert (pruned(x) - dense).abs().max() > 1e-2  # and the prune did change the function
 
 
 def test_mask_count_converges_to_target():
@@ -392,9 +398,10 @@ def test_merged_checkpoint_loads_and_runs_at_the_smaller_width(tmp_path):
     assert len(model.generate([256, 72, 105], 5)) == 5
 
 
-def test_train_resumes_exactly_and_writes_the_merged_model(tmp_path, data_dir, monkeypatch):
-    """train_pat.main end to end on a tiny checkpoint: a run interrupted after a checkpoint and resumed
-    ends bit-identical to an uninterrupted one; the milestone falls inside the resumed part."""
+def test_train_resumes_exactly_and_writes_the_merged_model(tmp_path, data_dir, monkeypatch, capsys):
+    """train_pat.main end to end on a tiny checkpoint, PAT then the prune-then-LoRA baseline: runs interrupted
+    after a checkpoint (once in PAT, once in the baseline) and resumed end bit-identical to an uninterrupted one;
+    the milestone falls inside the resumed part; the closing table shows every run."""
     import checkpoint
     import training
     from checkpoint import load
@@ -407,25 +414,41 @@ def test_train_resumes_exactly_and_writes_the_merged_model(tmp_path, data_dir, m
               "--ppl-windows", "1", "--ppl-seq-len", "64", "--hsm-rank", "4", "--lora-rank", "4",
               "--warmup-steps", "1", "--ckpt-interval", "3", "--log-interval", "1"]
     train_pat.main(common + ["--out", "full"])
-    save = training.save_state
+    table = capsys.readouterr().out.split("first 1 of")[-1]
+    save, crashed = training.save_state, set()
     def save_then_crash(path, state):
         save(path, state)
-        if state["step"] == 3:
+        if state["step"] == 3 and str(path) not in crashed:
+            crashed.add(str(path))
             raise KeyboardInterrupt
     monkeypatch.setattr(training, "save_state", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        train_pat.main(common + ["--out", "resumed"])
-    monkeypatch.setattr(training, "save_state", save)
+    for _ in range(2):
+        with pytest.raises(KeyboardInterrupt):
+            train_pat.main(common + ["--out", "resumed"] + ["--resume"] * bool(crashed))
+    assert crashed == {"resumed/state.pt", "resumed/prune_lora/state.pt"}
     train_pat.main(common + ["--out", "resumed", "--resume"])
-    assert open("full/log.jsonl").read() == open("resumed/log.jsonl").read()  # record for record
-    full, resumed = training.load_state("full/state.pt"), training.load_state("resumed/state.pt")
-    assert full["step"] == resumed["step"] == 6 and bool(full["pat"]["hard"])
-    for key, value in full["pat"].items():
-        assert torch.equal(value, resumed["pat"][key]), key
+    assert capsys.readouterr().out.split("first 1 of")[-1] == table
+    for run in ("", "prune_lora/"):
+        assert open(f"full/{run}log.jsonl").read() == open(f"resumed/{run}log.jsonl").read()  # record for record
+        full, resumed = training.load_state(f"full/{run}state.pt"), training.load_state(f"resumed/{run}state.pt")
+        assert full["step"] == resumed["step"] == 6
+        for key, value in full["pat"].items():
+            assert torch.equal(value, resumed["pat"][key]), key
+    assert "mask_logits" not in full["pat"] and bool(training.load_state("full/state.pt")["pat"]["hard"])  # LoRA; PAT
     model, _ = load("resumed/final")
     assert model.args.dim == 48 and model.output.weight is model.tok_embeddings.weight
     log = [json.loads(line) for line in open("resumed/log.jsonl")]
     assert [r["open"] for r in log if "open" in r][-1] == 48 and "ppl_merged" in log[-1]
+    meta = json.load(open("resumed/final/meta.json"))
+    baseline, _ = load("resumed/prune_lora/final")
+    assert baseline.args.dim == 48 and load("resumed/pruned")[0].args.dim == 48
+    lora_log = [json.loads(line) for line in open("resumed/prune_lora/log.jsonl")]
+    assert lora_log[0]["ppl"] == pytest.approx(meta["refs"]["one-shot"], rel=1e-5)  # it starts from the one-shot prune
+    lora_meta = json.load(open("resumed/prune_lora/final/meta.json"))
+    for row, value in [("dense", meta["refs"]["dense"]), ("one-shot prune of the", meta["refs"]["one-shot"]),
+                       ("one-shot prune, then LoRA 6 steps", lora_meta["ppl_wikitext2"]),
+                       ("PAT, mask init rms (ours), merged", meta["ppl_wikitext2"])]:
+        assert f"{value:10.2f}" in next(line for line in table.splitlines() if line.strip().startswith(row)), row
 
 
 @pytest.mark.slow
