@@ -162,7 +162,7 @@ def train(args, rank, world_size, device) -> dict | None:
     log = training.JsonlLog(out / "log.jsonl")
     if master and wikitext and resumed is None:  # before the hooks: --mask-init rms starts off the dense function
         refs["dense"] = wikitext(model)
-        print(f"WikiText-2 perplexity of {args.ckpt} (dense): {refs['dense']:.3f}")
+        print(f"WikiText-2 perplexity of {args.ckpt} before tuning: {refs['dense']:.3f}")
         log.log({"step": 0, "ppl": refs["dense"]})
     baseline = args.baseline != "none" and wikitext is not None
     if args.ratio > 0 and resumed is None and (args.mask_init == "rms" or baseline):
@@ -189,9 +189,11 @@ def train(args, rank, world_size, device) -> dict | None:
         training.set_rng_state(resumed["rng"])
         step, last_ckpt, refs = resumed["step"], state_path, resumed.get("refs", {})
     elif master:
-        print(f"PAT: dim {pat.dim} -> {pat.n_open} (ratio {args.ratio}), milestone {milestone}, mask frozen from step "
-              f"{pat.freeze}, mask init {args.mask_init}{' (ours)' if args.mask_init == 'rms' else ''}, "
-              f"{sum(p.numel() for p in trainable):,} trainable parameters ({len(pat.lora)} LoRA, {len(pat.hsms)} HSMs)")
+        what = (f"PAT: dim {pat.dim} -> {pat.n_open} (ratio {args.ratio}), milestone {milestone}, mask frozen from step "
+                f"{pat.freeze}, mask init {args.mask_init}{' (ours)' if args.mask_init == 'rms' else ''}"
+                if pat.prunes else f"LoRA alone (--ratio 0): dim {pat.dim}")
+        print(f"{what}, {sum(p.numel() for p in trainable):,} trainable parameters ({len(pat.lora)} LoRA, "
+              f"{len(pat.hsms)} HSMs)")
 
     net = training.wrap(pat, device, world_size, compile=args.compile)
     progress, tokens_seen = Progress("step", args.max_steps, start=step), 0
@@ -246,14 +248,17 @@ def main(argv=None):
             raise UserError(says)
     rank, world_size, _, device = training.setup_distributed(args.device)
     result, baseline = train(args, rank, world_size, device), None
+    out = Path(args.out)
     if args.baseline == "lora" and args.ratio > 0 and args.eval:  # same steps, tokens and flags on the pruned model
         if dist.is_initialized():
             dist.barrier()  # rank 0 wrote <out>/pruned
-        out = Path(args.out)
-        again = args.resume and (out / "prune_lora" / "state.pt").exists()  # a fresh PAT run starts it afresh
-        baseline = train(replace(args, ckpt=str(out / "pruned"), out=str(out / "prune_lora"), ratio=0.0,
-                                 baseline="none", resume=again, overwrite=not again), rank, world_size, device)
-    if result and args.eval:
+        if (out / "pruned" / "params.json").exists():
+            again = args.resume and (out / "prune_lora" / "state.pt").exists()  # a fresh PAT run starts it afresh
+            baseline = train(replace(args, ckpt=str(out / "pruned"), out=str(out / "prune_lora"), ratio=0.0,
+                                     baseline="none", resume=again, overwrite=not again), rank, world_size, device)
+        elif rank == 0:
+            print(f"no {out / 'pruned'}: this run began without --baseline lora, so no prune-then-LoRA to compare")
+    if result and result.get("ppl_protocol"):  # none without --eval, or from a run finished by an older version
         print_table(args, result, baseline)
     training.teardown()
 

@@ -192,42 +192,82 @@ def test_gptq_keeps_zeros_and_puts_kept_values_on_the_packed_grid(group_cols, bl
 
 
 @torch.no_grad()
-def gptq_reference(W, H, keep, group_cols, percdamp=0.01):
+def gptq_reference(W, H, keep, group_cols, percdamp=0.01, act_order=False):
     """GPTQ as the paper derives it (§3-4 from OBQ), float64, one column at a time, no blocks and no Cholesky:
     quantize column j (0 if pruned), err = (w_j - q_j) / [H^-1]_jj, w_rest -= err * [H^-1]_{j,rest}, then remove
     j from the inverse Hessian: H^-1 -= H^-1[:, j] H^-1[j, :] / [H^-1]_jj. A group's grid: packed.grid4 of its
-    kept values when column j reaches it."""
+    kept values when column j reaches it; with act_order the columns go by decreasing H_jj and every grid is
+    made from the untouched weight first (static groups)."""
     W, H = W.double().clone(), H.double()
     cols = W.shape[1]
     Hinv = torch.linalg.inv(H + percdamp * H.diag().mean() * torch.eye(cols, dtype=H.dtype))
-    for j in range(cols):
-        if j % group_cols == 0:
-            part, k = W[:, j:j + group_cols], keep[:, j:j + group_cols]
+    grids = {}
+    def grid(j):
+        g = j // group_cols
+        if g not in grids or not act_order and j % group_cols == 0:
+            part, k = W[:, g * group_cols:(g + 1) * group_cols], keep[:, g * group_cols:(g + 1) * group_cols]
             lo = torch.where(k, part, torch.inf).amin(1).float()
             hi = torch.where(k, part, -torch.inf).amax(1).float()
-            s, m = (t.double() for t in packed.grid4(lo, hi))
+            grids[g] = [t.double() for t in packed.grid4(lo, hi)]
+        return grids[g]
+    if act_order:
+        for j in range(0, cols, group_cols):
+            grid(j)
+    order = sorted(range(cols), key=lambda j: -H[j, j].item()) if act_order else range(cols)
+    for j in order:
+        s, m = grid(j)
         q = torch.where(s > 0, ((W[:, j] - m) / s).round(), 0).clamp(0, 15) * s + m
         q = torch.where(keep[:, j], q, 0.0)
         err = (W[:, j] - q) / Hinv[j, j]
-        W[:, j:] -= err[:, None] * Hinv[j, j:][None, :]
+        W -= err[:, None] * Hinv[j, :][None, :]  # the columns already done have zero rows left in H^-1
         W[:, j] = q
         Hinv -= Hinv[:, j:j + 1] @ Hinv[j:j + 1, :] / Hinv[j, j]
     return W
 
 
-@pytest.mark.parametrize("group_cols, blocksize", [(256, 128), (64, 128), (128, 32)])
-def test_gptq_equals_an_unblocked_float64_reference(group_cols, blocksize):
+@pytest.mark.parametrize("group_cols, blocksize, act_order", [(256, 128, False), (64, 128, False), (128, 32, False),
+                                                           (64, 128, True), (128, 32, True)])
+def test_gptq_equals_an_unblocked_float64_reference(group_cols, blocksize, act_order):
     """Blocks, lazy batched updates and the Cholesky rows are only a faster way to the same walk: nearly every
-    code agrees (a float32 rounding near a half step may flip one) and the layer's error is the same."""
-    X = correlated_inputs(2048, 256, seed=5)
+    code agrees (a float32 rounding near a half step may flip one) and the layer's error is the same; with
+    act-order too (columns by decreasing H_jj, grids fixed first)."""
+    X = correlated_inputs(2048, 256, seed=5) * torch.linspace(0.2, 3, 256)[torch.randperm(256)]  # H_jj all differ
     W = weight_2to4(32, 256, seed=6)
     H = 2 * X.T @ X / 2048
     keep = packed.slot_mask(packed.check_2to4("w", W))
-    W_hat, _, _ = obs.gptq(W, H, keep, group_cols, blocksize=blocksize)
-    ref = gptq_reference(W, H, keep, group_cols)
+    W_hat, _, _ = obs.gptq(W, H, keep, group_cols, blocksize=blocksize, act_order=act_order)
+    ref = gptq_reference(W, H, keep, group_cols, act_order=act_order)
     close = torch.isclose(W_hat.double(), ref, rtol=1e-4, atol=1e-5)
     assert close[keep].float().mean() > 0.995 and close[~keep].all()  # measured: every entry agrees
     assert recon_error(X, W, W_hat) == pytest.approx(recon_error(X.double(), W.double(), ref), rel=1e-3)
+    if act_order:  # and the order matters: the walk in the weight's own order is another result
+        assert recon_error(X, W, obs.gptq(W, H, keep, group_cols, blocksize=blocksize)[0]) != pytest.approx(
+            recon_error(X, W, W_hat), rel=1e-3)
+
+
+def test_clipped_grid_never_rounds_worse_and_stays_on_the_packed_grid():
+    """Grid4's range search: without error feedback (diagonal H) each row's sum |q - w|^2.4 over a group is at
+    most the min-max grid's (p = 1 is a candidate) and lower on some rows; values stay on the packed grid."""
+    W = weight_2to4(64, 256, seed=2)
+    keep = W != 0
+    H = torch.diag(torch.rand(256, generator=torch.Generator().manual_seed(0)) + 0.5)
+    plain, _, _ = obs.gptq(W, H, keep, group_cols=64)
+    clipped, scales, mins = obs.gptq(W, H, keep, group_cols=64, clip=True)
+    err = lambda W_hat: ((W_hat - W).abs() ** 2.4 * keep).view(64, 4, 64).sum(-1)  # (row, group)
+    assert (err(clipped) <= err(plain) * (1 + 1e-5)).all() and (err(clipped) < 0.95 * err(plain)).any()
+    assert torch.equal(clipped == 0, ~keep)
+    s, m = scales.float().repeat_interleave(64, 1), mins.float().repeat_interleave(64, 1)
+    q = ((clipped - m) / s).round()
+    assert torch.equal((m + q * s)[keep], clipped[keep]) and q[keep].min() >= 0 and q[keep].max() <= 15
+
+
+def test_act_order_without_error_feedback_changes_nothing():
+    """With a diagonal H no column's error reaches another, so the order of the walk cannot matter."""
+    W = weight_2to4(16, 128, seed=3)
+    H = torch.diag(torch.rand(128, generator=torch.Generator().manual_seed(1)) + 0.5)
+    a, sa, ma = obs.gptq(W, H, W != 0, group_cols=32)
+    b, sb, mb = obs.gptq(W, H, W != 0, group_cols=32, act_order=True)
+    assert torch.equal(a, b) and torch.equal(sa, sb) and torch.equal(ma, mb)
 
 
 def test_gptq_refuses_bad_input():
@@ -315,6 +355,7 @@ def test_pack_gptq_flags_fail_before_any_work(tmp_path, cli_error, data_dir, mon
     checkpoint.save(model, None, ckpt, masks=sp.prune(model, "magnitude", (2, 4)))
     base = ["--ckpt", str(ckpt), "--out", str(tmp_path / "o")]
     bad = {"--quantizer gptq quantizes to 4 bits: add --bits 4": ["--quantizer", "gptq"],
+           "--act-order is an option of GPTQ: add --quantizer gptq --bits 4": ["--bits", "4", "--act-order"],
            "--group-size 127: GPTQ needs an even group size": ["--quantizer", "gptq", "--bits", "4", "--group-size",
                                                                 "127"],
            "no C4 calibration text": ["--quantizer", "gptq", "--bits", "4", "--data-dir", str(tmp_path)]}
