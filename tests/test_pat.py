@@ -427,7 +427,8 @@ def test_train_resumes_exactly_and_writes_the_merged_model(tmp_path, data_dir, m
             train_pat.main(common + ["--out", "resumed"] + ["--resume"] * bool(crashed))
     assert crashed == {"resumed/state.pt", "resumed/prune_lora/state.pt"}
     train_pat.main(common + ["--out", "resumed", "--resume"])
-    assert capsys.readouterr().out.split("first 1 of")[-1] == table
+    said = capsys.readouterr().out
+    assert "resuming from resumed/prune_lora/state.pt at step 3" in said and said.split("first 1 of")[-1] == table
     for run in ("", "prune_lora/"):
         assert open(f"full/{run}log.jsonl").read() == open(f"resumed/{run}log.jsonl").read()  # record for record
         full, resumed = training.load_state(f"full/{run}state.pt"), training.load_state(f"resumed/{run}state.pt")
