@@ -376,6 +376,33 @@ def plot_log(jsonl_path, png_path, keys, log_keys=("ppl",), refs=None, marks=Non
     plt.close(fig)
 
 
+def plot_curves(curves, png_path, xlabel, ylabel, hlines=None, vlines=None):
+    """One panel, one line per run: curves {label: [(x, y), ...]} on a log y axis; hlines {label: y} dashed
+    (dense), vlines {label: x} dotted (a milestone). The studies' perplexity-over-training figure."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"skipping the plot {png_path}: pip install matplotlib")
+        return
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label, points in curves.items():
+        ax.plot(*zip(*points), marker="o", markersize=3, label=label)
+    for label, y in (hlines or {}).items():
+        ax.axhline(y, color="black", linestyle="--", linewidth=1, label=label)
+    for label, x in (vlines or {}).items():
+        ax.axvline(x, color="gray", linestyle=":", linewidth=1, label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
 def check_finite(loss, step, last_ckpt):
     """Stop on NaN/inf loss with one line that names the last good checkpoint."""
     value = float(loss)

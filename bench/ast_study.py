@@ -37,6 +37,7 @@ from checkpoint import load  # noqa: E402
 from cli import UserError, atomic_write, cli_main, parse_config  # noqa: E402
 from data import resolve_data_dir  # noqa: E402
 from eval import WikiText2, evaluate_task  # noqa: E402
+import training  # noqa: E402
 
 ONESHOT = ("magnitude", "wanda", "sparsegpt")
 TRAINED = {  # arm: train_ast.py flags on top of the shared ones
@@ -155,32 +156,15 @@ def table(results) -> str:
 
 
 def plot(results, out, tokens_per_step):
-    """Perplexity (4 windows of 512) over training tokens for each trained arm; dense and one-shot as lines."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("skipping study.png: pip install matplotlib")
-        return
-    fig, ax = plt.subplots(figsize=(8, 5))
-    dense = None
+    """Perplexity (4 windows of 512) over training tokens for each trained arm; dense as a line."""
+    curves, dense = {}, None
     for arm in TRAINED:
         if (out / arm / "log.jsonl").exists():
             records = [json.loads(line) for line in open(out / arm / "log.jsonl")]
             dense = records[0].get("dense_ppl") or dense  # logged at step 0 on the same 4 windows
-            points = [(r["step"] * tokens_per_step, r["ppl"]) for r in records if r.get("ppl") is not None]
-            ax.plot(*zip(*points), marker="o", markersize=3, label=arm)
-    if dense is not None:
-        ax.axhline(dense, color="black", linestyle="--", linewidth=1, label=f"dense {dense:.1f}")
-    ax.set_yscale("log")
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("WikiText-2 ppl (first 4 windows of 512)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "study.png", dpi=100)
-    plt.close(fig)
+            curves[arm] = [(r["step"] * tokens_per_step, r["ppl"]) for r in records if r.get("ppl") is not None]
+    training.plot_curves(curves, out / "study.png", "training tokens", "WikiText-2 ppl (first 4 windows of 512)",
+                         hlines={f"dense {dense:.1f}": dense} if dense is not None else None)
 
 
 def main(argv=None):

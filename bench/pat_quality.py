@@ -28,6 +28,7 @@ import checkpoint  # noqa: E402
 import data  # noqa: E402
 import pat  # noqa: E402
 import train_pat  # noqa: E402
+import training  # noqa: E402
 from cli import atomic_write, cli_main  # noqa: E402
 from eval import WikiText2, evaluate  # noqa: E402
 
@@ -88,26 +89,8 @@ def table(records, a) -> str:
 
 
 def plot(records, path, milestone):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"skipping {path}: pip install matplotlib")
-        return
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for r in records:
-        steps, ppls = zip(*r["curve"])
-        ax.plot(steps, ppls, marker="o", markersize=3, label=ARMS[r["arm"]])
-    ax.axvline(milestone, color="gray", linestyle=":", linewidth=1, label=f"PAT milestone s0 = {milestone}")
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("WikiText-2 perplexity")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    training.plot_curves({ARMS[r["arm"]]: r["curve"] for r in records}, path, "step", "WikiText-2 perplexity",
+                         vlines={f"PAT milestone s0 = {milestone}": milestone})
 
 
 def main():
