@@ -452,6 +452,40 @@ def test_train_resumes_exactly_and_writes_the_merged_model(tmp_path, data_dir, m
         assert f"{value:10.2f}" in next(line for line in table.splitlines() if line.strip().startswith(row)), row
 
 
+def test_torchrun_two_processes_run_pat_and_its_baseline_like_one(tmp_path, data_dir):
+    """train_pat under torchrun (2 gloo processes, half the batch each): PAT and the prune-then-LoRA baseline
+    run to the end, rank 0 alone prints the table, and the merged models match one process with the same
+    global batch (the channel norms are all-reduced, gradients averaged)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    import checkpoint
+    root = Path(__file__).resolve().parents[1]
+    checkpoint.save(tiny(tie=True), byte_tokenizer(), tmp_path / "tiny")
+    text = tmp_path / "train.txt"
+    text.write_text(" ".join(f"word{i % 37} is number {i}." for i in range(3000)))
+    flags = ["--ckpt", str(tmp_path / "tiny"), "--data", str(text), "--data-dir", str(data_dir), "--max-steps", "4",
+             "--milestone", "2", "--seq-len", "32", "--ppl-windows", "1", "--ppl-seq-len", "64", "--hsm-rank", "4",
+             "--lora-rank", "4", "--warmup-steps", "1", "--log-interval", "1", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    runs = {}
+    for name, launcher, batch in (("one", [], "4"),
+                                  ("two", ["-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                           "--master_port", "29561"], "2")):
+        runs[name] = subprocess.run([sys.executable, *launcher, str(root / "train_pat.py"), *flags, "--batch-size",
+                                     batch, "--out", str(tmp_path / name)], cwd=tmp_path, env=env,
+                                    capture_output=True, text=True, timeout=180)
+        assert runs[name].returncode == 0, runs[name].stderr[-2000:]
+    assert runs["two"].stdout.count("one-shot prune, then LoRA 4 steps") == 1  # rank 0's table only
+    for run in ("final", "prune_lora/final"):
+        a = checkpoint.load(tmp_path / "one" / run)[0].state_dict()
+        b = checkpoint.load(tmp_path / "two" / run)[0].state_dict()
+        assert a["norm.weight"].shape == (48,)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("keep_tied", [True, False])
 def test_merged_model_exports_to_hugging_face(tmp_path, keep_tied):
