@@ -52,15 +52,13 @@ def hessian_factor(weight: torch.Tensor, hessian: torch.Tensor, percdamp: float,
 
 class Grid4:
     """GPTQ's quantizer in packed.py's format: per row, one asymmetric 4-bit grid for each run of
-    `group_cols` inputs, fitted to the run's kept entries (keep): their min and max, or with `clip` the
-    range narrowed about its centre by the factor p in 1, 0.99 .. 0.2 that minimises sum |q - w|^2.4 (the
-    official GPTQ's `mse` search, which shrinks toward 0 instead: our grids need not contain 0).
-    Dynamic (default): a group is fitted when the walk reaches it. `order` (act-order): the walk's column j
-    is the weight's column order[j], and every group is fitted before the walk (AutoGPTQ's static groups)."""
+    `group_cols` inputs, from the min and max of the run's kept entries (keep). Dynamic (default): a group
+    is fitted when the walk reaches it. `order` (act-order): the walk's column j is the weight's column
+    order[j], and every group is fitted before the walk (AutoGPTQ's static groups)."""
 
-    def __init__(self, keep: torch.Tensor, group_cols: int, clip: bool = False, order: torch.Tensor | None = None):
+    def __init__(self, keep: torch.Tensor, group_cols: int, order: torch.Tensor | None = None):
         rows, cols = keep.shape
-        self.keep, self.group_cols, self.clip = keep, group_cols, clip
+        self.keep, self.group_cols = keep, group_cols
         n_groups = -(-cols // group_cols)
         self.scales = torch.zeros(rows, n_groups, dtype=torch.float16, device=keep.device)
         self.mins = torch.zeros_like(self.scales)
@@ -74,16 +72,7 @@ class Grid4:
         hi = values.masked_fill(~keep, float("-inf")).amax(1)
         empty = ~keep.any(1)  # a row with nothing kept in this group: any grid will do
         lo[empty], hi[empty] = 0.0, 0.0
-        scales, mins = grid4(lo, hi)
-        if self.clip:
-            centre, half, best = (lo + hi) / 2, (hi - lo) / 2, None
-            for p in torch.arange(100, 19, -1).tolist():
-                s, m = grid4(centre - half * p / 100, centre + half * p / 100) if p < 100 else (scales, mins)
-                err = ((snap4(values, s.float()[:, None], m.float()[:, None])[1] - values).abs() ** 2.4 * keep).sum(1)
-                better = err < best if best is not None else torch.ones_like(empty)
-                scales, mins = torch.where(better, s, scales), torch.where(better, m, mins)
-                best = err if best is None else torch.minimum(err, best)
-        self.scales[:, g], self.mins[:, g] = scales, mins
+        self.scales[:, g], self.mins[:, g] = grid4(lo, hi)
 
     def use(self, g: int) -> None:
         self._s, self._m = self.scales[:, g].float(), self.mins[:, g].float()
@@ -196,13 +185,13 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, sparsity, blocksize: 
 
 @torch.no_grad()
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor, group_cols: int, blocksize: int = 128,
-         percdamp: float = 0.01, name: str | None = None, act_order: bool = False,
-         clip: bool = False) -> "tuple[torch.Tensor, torch.Tensor, torch.Tensor]":
+         percdamp: float = 0.01, name: str | None = None,
+         act_order: bool = False) -> "tuple[torch.Tensor, torch.Tensor, torch.Tensor]":
     """GPTQ (Frantar et al. 2022, Alg. 1) of the kept entries of a pruned weight, 4-bit asymmetric, one grid
     per row and run of group_cols inputs (packed.py's: 256 inputs = 128 kept of 2:4).
 
     keep: bool (out, in), True = quantized; the others end exactly 0. act_order: walk the columns by
-    decreasing H_jj (the official `--act-order`), grids fitted before the walk; clip: Grid4's range search.
+    decreasing H_jj (the official `--act-order`), every grid fitted before the walk.
     Returns (weight in fp32, every kept entry exactly scales * q + mins in fp32 as packed.dequantize4
     computes it; scales, mins: fp16, (out, ceil(in / group_cols)), in the weight's column order).
     """
@@ -217,12 +206,12 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor, group_
     with _Fp32Math(weight.device):
         if not act_order:
             W, Hinv = hessian_factor(weight, hessian, percdamp, name, "GPTQ")
-            quantizer = Grid4(keep, group_cols, clip)
+            quantizer = Grid4(keep, group_cols)
             walk(W, Hinv, blocksize, pruned=~keep, quantizer=quantizer)
             return W, quantizer.scales, quantizer.mins
         order = torch.argsort(torch.diag(hessian).float(), descending=True, stable=True)
         W, Hinv = hessian_factor(weight[:, order], hessian[order][:, order], percdamp, name, "GPTQ")
-        quantizer = Grid4(keep, group_cols, clip, order)
+        quantizer = Grid4(keep, group_cols, order=order)
         original = W[:, torch.argsort(order)]  # dead inputs zeroed, as the walk sees them
         for g in range(quantizer.scales.shape[1]):
             quantizer.fit(g, original[:, g * group_cols:])

@@ -58,7 +58,6 @@ class PackConfig:
     blocksize: int = 128  # GPTQ column block
     percdamp: float = 0.01  # GPTQ damping, fraction of mean(diag H)
     act_order: bool = False  # GPTQ: walk the columns by decreasing H_jj, every grid fitted first (official --act-order)
-    clip: bool = False  # GPTQ: each grid's range searched for the least sum |q - w|^2.4 (the official mse option)
     data_dir: str | None = None  # GPTQ's C4: default ./data, then ../shared/data
     device: Device = "auto"  # GPTQ's calibration device (auto: cuda when torch sees a GPU)
 
@@ -82,8 +81,8 @@ def check_paths(cfg: PackConfig) -> tuple[Path, Path]:
             raise UserError(f"--group-size {cfg.group_size}: GPTQ needs an even group size (a group of kept "
                             "values must end where a group of 4 inputs ends)")
         c4_paths(resolve_data_dir(cfg.data_dir))  # the calibration text is there, before any work
-    elif cfg.act_order or cfg.clip:
-        raise UserError(f"--{'act-order' if cfg.act_order else 'clip'} is an option of GPTQ: add --quantizer gptq --bits 4")
+    elif cfg.act_order:
+        raise UserError("--act-order is an option of GPTQ: add --quantizer gptq --bits 4")
     check_output_dir(out, cfg.overwrite)
     return ckpt, out
 
@@ -183,7 +182,7 @@ def gptq_weights(cfg: PackConfig, ckpt: Path, state: dict, names: list, masks: d
         mask = masks.get(name) if masks else None
         keep = packed.slot_mask(packed.check_2to4(name + ".weight", lin.weight.cpu(), mask))
         new, scales, mins = obs.gptq(lin.weight, hessian, keep.to(device), 2 * cfg.group_size, cfg.blocksize,
-                                     cfg.percdamp, name, cfg.act_order, cfg.clip)
+                                     cfg.percdamp, name, cfg.act_order)
         lin.weight.copy_(new)
         return scales.cpu(), mins.cpu()
 
