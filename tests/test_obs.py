@@ -279,9 +279,10 @@ def capture_inputs(model, calib, names):
     return {n: torch.cat(v).double() for n, v in got.items()}
 
 
-def test_pack_gptq_calibrates_each_block_on_quantized_blocks(tmp_path, data_dir):
-    """kernels.pack --quantizer gptq == GPTQ of every layer on the inputs that full forwards through the already
-    quantized blocks give (rebuilt here), written into the packed format; load() returns GPTQ's floats."""
+@pytest.mark.parametrize("act_order", [False, True])
+def test_pack_gptq_calibrates_each_block_on_quantized_blocks(tmp_path, data_dir, act_order):
+    """kernels.pack --quantizer gptq [--act-order] == GPTQ of every layer on the inputs that full forwards through
+    the already quantized blocks give (rebuilt here), written into the packed format; load() returns GPTQ's floats."""
     torch.manual_seed(0)
     model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32000, hidden_dim=128,
                                   max_seq_len=64)).eval()
@@ -290,7 +291,7 @@ def test_pack_gptq_calibrates_each_block_on_quantized_blocks(tmp_path, data_dir)
     shutil.copy(data_dir / "tokenizers" / "llama2" / "tokenizer.model", tmp_path / "ck")
     flags = ["--ckpt", str(tmp_path / "ck"), "--out", str(tmp_path / "gptq"), "--bits", "4", "--quantizer", "gptq",
              "--group-size", "32", "--nsamples", "4", "--calib-len", "32", "--data-dir", str(data_dir),
-             "--device", "cpu"]
+             "--device", "cpu"] + ["--act-order"] * act_order
     report = pack.main(flags)
     assert report["gptq_s"] > 0
     got, _ = checkpoint.load(tmp_path / "gptq", tokenizer=False)
@@ -305,7 +306,7 @@ def test_pack_gptq_calibrates_each_block_on_quantized_blocks(tmp_path, data_dir)
         with torch.no_grad():
             for n in names:
                 H = (2 * X[n].T @ X[n] / X[n].shape[0]).float()
-                W_hat, _, _ = obs.gptq(modules[n].weight, H, masks[n], group_cols=64)
+                W_hat, _, _ = obs.gptq(modules[n].weight, H, masks[n], group_cols=64, act_order=act_order)
                 assert (got[n].weight[~masks[n]] == 0).all(), n
                 flips.append((~torch.isclose(W_hat, got[n].weight, rtol=1e-4, atol=1e-6)).float().mean().item())
                 modules[n].weight.copy_(got[n].weight)  # the next block sees what the pipeline made
