@@ -16,9 +16,11 @@ H = (2/n) sum_t x_t x_t^T is the layer's input Hessian over the calibration toke
   One-Shot", §3, Alg. 1; github.com/IST-DASLab/sparsegpt): the mask is chosen by w^2 / U_jj^2, over the
   whole (rows x block) for unstructured sparsity, every M columns of each row for N:M (§3.3).
 - GPTQ (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
-  Transformers", §4, Alg. 1; github.com/IST-DASLab/gptq) with act-order off: columns in their order, the
-  asymmetric 4-bit grid of a group computed when the walk reaches the group's first column, from the
-  group's kept values as they are then (already corrected by the earlier columns). Here the mask is fixed
+  Transformers", §4, Alg. 1; github.com/IST-DASLab/gptq): columns in their order, the asymmetric 4-bit
+  grid of a group computed when the walk reaches the group's first column, from the group's kept values
+  as they are then (already corrected by the earlier columns); or, with act_order (the official
+  --act-order), columns by decreasing H_jj and every grid made first from the untouched weight (static
+  groups). Here the mask is fixed
   (a 2:4 weight): pruned entries are held at exactly 0 (their OBS error propagates like SparseGPT's) and
   the grid is packed.py's (fp16 min and scale per group), so the result packs into the same format.
 Pruning and quantizing in one walk (the official SparseGPT's joint mode) is not offered: its grid would
@@ -211,9 +213,9 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor, group_
             return W, quantizer.scales, quantizer.mins
         order = torch.argsort(torch.diag(hessian).float(), descending=True, stable=True)
         W, Hinv = hessian_factor(weight[:, order], hessian[order][:, order], percdamp, name, "GPTQ")
-        quantizer = Grid4(keep, group_cols, order=order)
-        original = W[:, torch.argsort(order)]  # dead inputs zeroed, as the walk sees them
+        quantizer, back = Grid4(keep, group_cols, order=order), torch.argsort(order)
+        original = W[:, back]  # dead inputs zeroed, as the walk sees them
         for g in range(quantizer.scales.shape[1]):
             quantizer.fit(g, original[:, g * group_cols:])
         walk(W, Hinv, blocksize, pruned=~keep[:, order], quantizer=quantizer)
-    return W[:, torch.argsort(order)], quantizer.scales, quantizer.mins
+    return W[:, back], quantizer.scales, quantizer.mins
