@@ -159,11 +159,11 @@ class PAT(nn.Module):
             for buffer, value in zip((self.tau, self.beta), mask_schedule(step, self.milestone, self.freeze)):
                 buffer.fill_(value)
 
-    def set_hard_mask(self, keep: torch.Tensor | None):
-        """Use a given hard mask (bool, d) from now on (a merge without training, an outside choice); None: soft again."""
-        self.is_hard = keep is not None
-        self.keep.copy_(keep if self.is_hard else torch.ones_like(self.keep))
-        self.hard.fill_(self.is_hard)
+    def set_hard_mask(self, keep: torch.Tensor):
+        """Use a given hard mask (bool, d) from now on: the top-N at s0, or an outside choice (prune_channels)."""
+        self.is_hard = True
+        self.keep.copy_(keep)
+        self.hard.fill_(True)
 
     def n_open_now(self) -> int:
         """Open channels (w >= 0, as the count loss sees them); a host sync: call it on logging steps only."""
