@@ -70,6 +70,11 @@ class PATArgs(TrainArgs):
 
 
 
+def milestone_of(args) -> int:
+    """s0: --milestone, or a third of the steps (the paper's)."""
+    return args.milestone or max(1, args.max_steps // 3)
+
+
 def make_optimizer(pat, args, device):
     """AdamW over LoRA and HSMs (decay on matrices only) and the mask logits at --mask-lr, no decay: decay would
     pull logits and scales toward 0. Returns (optimizer, trainable parameters)."""
@@ -145,7 +150,7 @@ def train(args, rank, world_size, device) -> dict | None:
     """One run from --ckpt to <out>/final/: PAT, or with --ratio 0 LoRA alone. Returns final/meta.json on rank 0
     (read back if the run had already finished), None on the other ranks."""
     master, out = rank == 0, Path(args.out)
-    milestone = args.milestone or max(1, args.max_steps // 3)
+    milestone = milestone_of(args)
     resumed = training.open_run(args, rank)
     if resumed is not None and resumed["step"] >= args.max_steps and (out / "final").exists():
         return json.loads((out / "final" / "meta.json").read_text()) if master else None  # else: merge again
@@ -239,7 +244,7 @@ def print_table(args, result, baseline):
 
 def main(argv=None):
     args = parse_config(PATArgs, argv)
-    milestone = args.milestone or max(1, args.max_steps // 3)
+    milestone = milestone_of(args)
     if args.ratio > 0 and milestone >= args.max_steps:
         raise UserError(f"--milestone {milestone} must be below --max-steps {args.max_steps}: the mask must end hard")
     for bad, says in ((not 0 < args.freeze_at <= 1, f"--freeze-at {args.freeze_at}: must be in (0, 1]"),
