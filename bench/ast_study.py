@@ -102,7 +102,8 @@ def train_arm(arm, args, out):
            *[f.format(out=out) for f in TRAINED[arm]]]
     if args.data_dir:
         cmd += ["--data-dir", args.data_dir]
-    run(cmd + (["--resume"] if (run_dir / "state.pt").exists() else []), args.threads)
+    # stopped before its first state.pt: nothing to keep, so start that arm over
+    run(cmd + (["--resume"] if (run_dir / "state.pt").exists() else ["--overwrite"]), args.threads)
     return run_dir
 
 
