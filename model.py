@@ -21,6 +21,9 @@ import torch.nn.functional as F
 # the seven projections of every block, by Meta's names: what pruning methods prune
 PROJECTIONS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
                "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
+# the same projections in the order a block applies them; those in one stage read the same input
+PROJECTION_STAGES = (("attention.wq", "attention.wk", "attention.wv"), ("attention.wo",),
+                     ("feed_forward.w1", "feed_forward.w3"), ("feed_forward.w2",))
 
 
 @dataclass

@@ -19,7 +19,8 @@ are run through block l, its layers are pruned, and the windows are run through 
 become the inputs of block l+1 (calibrate_blocks, which kernels.pack's GPTQ uses too); only one block's
 activations live at once, so a 7B model calibrates on one GPU. Where the papers leave room we do as the
 official code does:
-- the seven layers of a block are scored on the same block inputs (no "true sequential" inside a block);
+- the seven layers of a block are scored on the same block inputs (GPTQ's "true sequential", stage by stage
+  inside a block, is an option of calibrate_blocks that kernels.pack's GPTQ uses);
 - magnitude's unstructured masks compare the whole layer, Wanda's each output row, SparseGPT's each
   (rows x 128) column block; N:M groups are runs of M inputs in each row for all three;
 - exact counts (a sort, not a `<= threshold`): dequantized 4-bit weights tie a lot;
@@ -220,12 +221,14 @@ def prune(model: nn.Module, method: str, sparsity, calib: torch.Tensor | None = 
 
 @torch.no_grad()
 def calibrate_blocks(model: nn.Module, calib: torch.Tensor | None, targets: "dict[str, nn.Linear]", stat: str,
-                     work, label: str, report: dict | None = None, log=print) -> dict:
+                     work, label: str, report: dict | None = None, log=print, stages=None) -> dict:
     """Block by block, as the official SparseGPT/GPTQ code: run the windows through block l collecting each
     target layer's input statistics, call work(name, linear, statistic) on each of its layers (which changes
     the layer in place), then run the windows through the changed block: the inputs of block l+1.
 
     stat: "hessian" (H = (2/n) sum_t x_t x_t^T: SparseGPT, GPTQ) or "sq_norm" (sum_t x_j^2: Wanda).
+    stages: None (all of a block's layers on one pass's statistics) or model.PROJECTION_STAGES (GPTQ's "true
+    sequential": each stage's statistics from a pass through the block whose earlier stages are already changed).
     Returns {name: what work returned}; report (a dict) gets forward_s, method_s, total_s.
     """
     if calib is None or calib.numel() == 0:
@@ -234,7 +237,7 @@ def calibrate_blocks(model: nn.Module, calib: torch.Tensor | None, targets: "dic
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False  # Hessians are accumulated in true fp32 too
     try:
-        results, fwd_s, work_s = _sequential(model, calib, targets, stat, work, label, log)
+        results, fwd_s, work_s = _sequential(model, calib, targets, stat, work, label, log, stages)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     if report is not None:
@@ -242,8 +245,8 @@ def calibrate_blocks(model: nn.Module, calib: torch.Tensor | None, targets: "dic
     return results
 
 
-def _sequential(model, calib, targets, kind, work, label, log):
-    """Block by block: statistics pass, work on the block's layers, outputs pass.
+def _sequential(model, calib, targets, kind, work, label, log, stages):
+    """Block by block: for each stage, a statistics pass and work on its layers; then the outputs pass.
     Returns (results, forward s, work s)."""
     device = next(model.parameters()).device
     results, fwd_s, work_s = {}, 0.0, 0.0
@@ -256,68 +259,79 @@ def _sequential(model, calib, targets, kind, work, label, log):
     for b in range(last + 1):
         block = model.layers[b]
         names = [name for name in targets if int(name.split(".")[1]) == b]
-        tb = time.perf_counter()
-        hook_s = 0.0
-        if names:
-            # statistics of each layer's input. q,k,v (and w1,w3) read the same tensor: accumulate it once
-            stats, owner, seen, handles = {}, {}, {}, []
-
-            def hook(name):
-                def f(module, args):
-                    nonlocal hook_s
-                    t = time.perf_counter()
-                    x = args[0]
-                    if name not in owner:
-                        owner[name] = seen.setdefault(id(x), (x, name))[1]
-                    if owner[name] == name:
-                        x = x.reshape(-1, x.shape[-1]).float()
-                        if name not in stats:
-                            d = x.shape[1]
-                            stats[name] = (torch.zeros(d, d, device=x.device) if kind == "hessian"
-                                           else torch.zeros(d, device=x.device))
-                        if kind == "hessian":
-                            add_gram_upper(stats[name], x)  # sum_t x x^T, upper triangle
-                        else:
-                            stats[name].add_((x * x).sum(0))  # sum_t x_j^2
-                        _sync(x.device)
-                    hook_s += time.perf_counter() - t
-                return f
-
-            for name in names:
-                handles.append(targets[name].register_forward_pre_hook(hook(name)))
-            try:
-                for i in range(0, hidden.shape[0], batch):
-                    _run_block(block, hidden[i:i + batch], rest)
-                    seen.clear()  # owners are decided on the first window; don't hold its tensors
-            finally:
-                for h in handles:
-                    h.remove()
-            _sync(device)
-            t_fwd1 = time.perf_counter() - tb - hook_s
-            ntokens = hidden.shape[0] * hidden.shape[1]
+        groups = [names] if stages is None else [[n for n in names if n.split(".", 2)[2] in s] for s in stages]
+        t_fwd = t_stats = t_work = 0.0
+        for group in filter(None, groups):
             t = time.perf_counter()
-            for name in names:
-                stat = stats[owner[name]]
-                if kind == "hessian":
-                    stat = (stat.triu() + stat.triu(1).T) * (2.0 / ntokens)  # mirror the upper triangle
-                results[name] = work(name, targets[name], stat)
+            stats, hook_s = _input_statistics(block, hidden, rest, batch, {n: targets[n] for n in group}, kind)
+            t_fwd += time.perf_counter() - t - hook_s
+            t_stats += hook_s
+            t = time.perf_counter()
+            for name in group:
+                results[name] = work(name, targets[name], stats[name])
             del stats
             _sync(device)
-            t_work = time.perf_counter() - t
-        else:
-            t_fwd1 = t_work = 0.0
+            t_work += time.perf_counter() - t
         t = time.perf_counter()
         if b < last:  # the changed block's outputs are the next block's inputs
             for i in range(0, hidden.shape[0], batch):
                 hidden[i:i + batch] = _run_block(block, hidden[i:i + batch], rest)
             _sync(device)
-        t_fwd2 = time.perf_counter() - t
-        fwd_s += t_fwd1 + t_fwd2
-        work_s += hook_s + t_work
-        log(f"block {b + 1}/{len(model.layers)}: {len(names)} layers {label} | "
-            f"forward {t_fwd1 + t_fwd2:.1f}s, {label.split()[0]} {hook_s + t_work:.1f}s "
-            f"(stats {hook_s:.1f}s, layers {t_work:.1f}s)", flush=True)
+        t_fwd += time.perf_counter() - t
+        fwd_s += t_fwd
+        work_s += t_stats + t_work
+        log(f"block {b + 1}/{len(model.layers)}: {len(names)} layers {label} | forward {t_fwd:.1f}s, "
+            f"{label.split()[0]} {t_stats + t_work:.1f}s (stats {t_stats:.1f}s, layers {t_work:.1f}s)", flush=True)
     return results, fwd_s, work_s
+
+
+def _input_statistics(block, hidden, rest, batch, layers, kind):
+    """Run the windows through block, accumulating each of layers' input statistics; a window stops once
+    all of them have seen it. Returns ({name: statistic}, seconds spent in the hooks)."""
+    # q,k,v (and w1,w3) read the same tensor: accumulate it once
+    stats, owner, seen, fired, handles, hook_s = {}, {}, {}, set(), [], 0.0
+
+    def hook(name):
+        def f(module, args):
+            nonlocal hook_s
+            t = time.perf_counter()
+            x = args[0]
+            if name not in owner:
+                owner[name] = seen.setdefault(id(x), (x, name))[1]
+            if owner[name] == name:
+                x = x.reshape(-1, x.shape[-1]).float()
+                if name not in stats:
+                    d = x.shape[1]
+                    stats[name] = torch.zeros(d, d, device=x.device) if kind == "hessian" else torch.zeros(d, device=x.device)
+                if kind == "hessian":
+                    add_gram_upper(stats[name], x)  # sum_t x x^T, upper triangle
+                else:
+                    stats[name].add_((x * x).sum(0))  # sum_t x_j^2
+                _sync(x.device)
+            hook_s += time.perf_counter() - t
+            fired.add(name)
+            if len(fired) == len(layers):  # the rest of the block computes nothing these layers need
+                raise _Stop
+        return f
+
+    for name, lin in layers.items():
+        handles.append(lin.register_forward_pre_hook(hook(name)))
+    try:
+        for i in range(0, hidden.shape[0], batch):
+            fired.clear()
+            try:
+                _run_block(block, hidden[i:i + batch], rest)
+            except _Stop:
+                pass
+            seen.clear()  # owners are decided on the first window; don't hold its tensors
+    finally:
+        for h in handles:
+            h.remove()
+    _sync(hidden.device)
+    ntokens = hidden.shape[0] * hidden.shape[1]
+    if kind == "hessian":  # mirror the upper triangle
+        stats = {n: (g.triu() + g.triu(1).T) * (2.0 / ntokens) for n, g in stats.items()}
+    return {name: stats[owner[name]] for name in layers}, hook_s
 
 
 def add_gram_upper(gram: torch.Tensor, x: torch.Tensor, block: int = 192) -> None:

@@ -5,7 +5,7 @@ keeps the 2:4 zeros and is calibrated block by block on C4, obs.gptq).
 
     python bench/quant_quality.py --ckpt DIR [--out out/quant_quality] [--nsamples 128 --calib-len 2048]
         [--ppl-seq-len 2048 --ppl-windows 8] [--group-size 128] [--dense smollm2-135m] [--quantizers rtn,gptq]
-        [--act-order]   # GPTQ's option (kernels.pack)
+        [--act-order] [--true-sequential]   # GPTQ's options (kernels.pack)
 
 The packed checkpoints and results.json go under --out (gitignored). Bytes per weight are counted from the
 files: the 2:4 linears' (header, positions, scales and mins included) and the whole file's.
@@ -44,6 +44,7 @@ class Config:
     device: Device = "auto"  # evaluation and GPTQ device
     quantizers: str = "rtn,gptq"  # which packed forms to measure (comma list of rtn, gptq)
     act_order: bool = False  # GPTQ's --act-order (kernels.pack)
+    true_sequential: bool = False  # GPTQ's --true-sequential (kernels.pack)
 
 
 def main(argv=None):
@@ -73,13 +74,14 @@ def main(argv=None):
     quantizers = [x for x in cfg.quantizers.split(",") if x]
     if not quantizers or set(quantizers) - {"rtn", "gptq"}:
         raise UserError(f"--quantizers {cfg.quantizers}: a comma list of rtn, gptq")
-    gptq_how = ", act-order" if cfg.act_order else ""
+    gptq_how = ", act-order" * cfg.act_order + ", true-sequential" * cfg.true_sequential
     for quantizer in quantizers:
         flags = ["--ckpt", str(ckpt), "--out", str(out / quantizer), "--bits", "4", "--group-size",
                  str(cfg.group_size), "--quantizer", quantizer, "--overwrite", "--device", cfg.device]
         if quantizer == "gptq":
             flags += ["--nsamples", str(cfg.nsamples), "--calib-len", str(cfg.calib_len), "--seed", str(cfg.seed)]
             flags += ["--data-dir", str(data_dir)] + ["--act-order"] * cfg.act_order
+            flags += ["--true-sequential"] * cfg.true_sequential
         r = pack.main(flags)
         m, _ = load(out / quantizer, device=device, tokenizer=False)
         t = time.perf_counter()

@@ -12,7 +12,8 @@ result back. Works everywhere (CPU included).
 --quantizer gptq (obs.gptq: GPTQ, Frantar et al. 2022, on the kept entries; pruned ones stay exactly 0) loads
 the model, takes --nsamples C4 windows of --calib-len tokens (seed --seed) as sparsity.py does, and quantizes
 block by block: block l is calibrated on the outputs of the already quantized blocks < l
-(sparsity.calibrate_blocks). Its grids are written into the same packed format as round-to-nearest's.
+(sparsity.calibrate_blocks); with --true-sequential, inside a block too, stage by stage: q,k,v, then o on
+the quantized q,k,v's outputs, then w1,w3, then w2 (the official GPTQ's option). Its grids are written into the same packed format as round-to-nearest's.
 
 Which weights: those named in the checkpoint's masks.safetensors, else the seven projections of every block
 (model.PROJECTIONS). A weight that is not 2:4 sparse is refused with its name. The printed report counts
@@ -33,7 +34,7 @@ import packed
 import sparsity
 from cli import DTYPES, Device, DType, UserError, atomic_write, check_output_dir, cli_main, parse_config, resolve_device
 from data import c4_paths, calibration_windows, resolve_data_dir
-from model import PROJECTIONS
+from model import PROJECTION_STAGES, PROJECTIONS
 
 # files of a checkpoint directory that the packed form replaces (masks = positions, recoverable)
 REPLACED_FILES = {"model.safetensors", "masks.safetensors"}
@@ -58,6 +59,7 @@ class PackConfig:
     blocksize: int = 128  # GPTQ column block
     percdamp: float = 0.01  # GPTQ damping, fraction of mean(diag H)
     act_order: bool = False  # GPTQ: walk the columns by decreasing H_jj, every grid fitted first (official --act-order)
+    true_sequential: bool = False  # GPTQ: q,k,v → o → w1,w3 → w2, each on the quantized earlier ones' outputs
     data_dir: str | None = None  # GPTQ's C4: default ./data, then ../shared/data
     device: Device = "auto"  # GPTQ's calibration device (auto: cuda when torch sees a GPU)
 
@@ -81,8 +83,9 @@ def check_paths(cfg: PackConfig) -> tuple[Path, Path]:
             raise UserError(f"--group-size {cfg.group_size}: GPTQ needs an even group size (a group of kept "
                             "values must end where a group of 4 inputs ends)")
         c4_paths(resolve_data_dir(cfg.data_dir))  # the calibration text is there, before any work
-    elif cfg.act_order:
-        raise UserError("--act-order is an option of GPTQ: add --quantizer gptq --bits 4")
+    elif cfg.act_order or cfg.true_sequential:
+        flag = "--act-order" if cfg.act_order else "--true-sequential"
+        raise UserError(f"{flag} is an option of GPTQ: add --quantizer gptq --bits 4")
     check_output_dir(out, cfg.overwrite)
     return ckpt, out
 
@@ -187,8 +190,8 @@ def gptq_weights(cfg: PackConfig, ckpt: Path, state: dict, names: list, masks: d
         return scales.cpu(), mins.cpu()
 
     report = {}
-    grids = sparsity.calibrate_blocks(model, calib.to(device), targets, "hessian", work,
-                                      f"gptq 4-bit g{cfg.group_size}", report)
+    grids = sparsity.calibrate_blocks(model, calib.to(device), targets, "hessian", work, f"gptq 4-bit g{cfg.group_size}",
+                                      report, stages=PROJECTION_STAGES if cfg.true_sequential else None)
     for name, lin in targets.items():
         state[name + ".weight"] = lin.weight.detach().cpu()
     times = {"gptq_s": report["total_s"], "gptq_forward_s": report["forward_s"]}

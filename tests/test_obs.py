@@ -4,6 +4,7 @@ same grid), against an unblocked float64 reference written from the paper (expli
 no Cholesky), its reconstruction error below RTN's, pruned entries exactly 0 and kept ones on the packed
 grid; and the whole pipeline (kernels.pack --quantizer gptq) against block-by-block captured inputs."""
 import copy
+import itertools
 import shutil
 
 import pytest
@@ -16,7 +17,7 @@ import sparsity as sp
 from cli import UserError
 from data import c4_paths, calibration_windows
 from kernels import pack
-from model import ModelArgs, Transformer
+from model import PROJECTION_STAGES, PROJECTIONS, ModelArgs, Transformer
 
 
 def correlated_inputs(n_tokens, dim, seed=0):
@@ -280,10 +281,11 @@ def capture_inputs(model, calib, names):
     return {n: torch.cat(v).double() for n, v in got.items()}
 
 
-@pytest.mark.parametrize("act_order", [False, True])
-def test_pack_gptq_calibrates_each_block_on_quantized_blocks(tmp_path, data_dir, act_order):
+@pytest.mark.parametrize("act_order,true_sequential", [(False, False), (True, False), (False, True)])
+def test_pack_gptq_calibrates_each_block_on_quantized_blocks(tmp_path, data_dir, act_order, true_sequential):
     """kernels.pack --quantizer gptq [--act-order] == GPTQ of every layer on the inputs that full forwards through
-    the already quantized blocks give (rebuilt here), written into the packed format; load() returns GPTQ's floats."""
+    the already quantized blocks give (rebuilt here), written into the packed format; load() returns GPTQ's floats.
+    --true-sequential: inside a block too, each stage on the outputs of the quantized stages before it."""
     torch.manual_seed(0)
     model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32000, hidden_dim=128,
                                   max_seq_len=64)).eval()
@@ -292,7 +294,7 @@ def test_pack_gptq_calibrates_each_block_on_quantized_blocks(tmp_path, data_dir,
     shutil.copy(data_dir / "tokenizers" / "llama2" / "tokenizer.model", tmp_path / "ck")
     flags = ["--ckpt", str(tmp_path / "ck"), "--out", str(tmp_path / "gptq"), "--bits", "4", "--quantizer", "gptq",
              "--group-size", "32", "--nsamples", "4", "--calib-len", "32", "--data-dir", str(data_dir),
-             "--device", "cpu"] + ["--act-order"] * act_order
+             "--device", "cpu"] + ["--act-order"] * act_order + ["--true-sequential"] * true_sequential
     report = pack.main(flags)
     assert report["gptq_s"] > 0
     got, _ = checkpoint.load(tmp_path / "gptq", tokenizer=False)
@@ -301,8 +303,9 @@ def test_pack_gptq_calibrates_each_block_on_quantized_blocks(tmp_path, data_dir,
     calib = calibration_windows(tok, c4_paths(data_dir), 4, 32, 0)
     ref, flips = copy.deepcopy(model), []
     modules = dict(ref.named_modules())
-    for b in range(2):
-        names = [n for n in masks if n.startswith(f"layers.{b}.")]
+    stages = PROJECTION_STAGES if true_sequential else [PROJECTIONS]
+    for b, stage in itertools.product(range(2), stages):
+        names = [f"layers.{b}.{p}" for p in stage]
         X = capture_inputs(ref, calib, names)
         with torch.no_grad():
             for n in names:
@@ -342,6 +345,7 @@ def test_pack_gptq_flags_fail_before_any_work(tmp_path, cli_error, data_dir, mon
     base = ["--ckpt", str(ckpt), "--out", str(tmp_path / "o")]
     bad = {"--quantizer gptq quantizes to 4 bits: add --bits 4": ["--quantizer", "gptq"],
            "--act-order is an option of GPTQ: add --quantizer gptq --bits 4": ["--bits", "4", "--act-order"],
+           "--true-sequential is an option of GPTQ: add --quantizer gptq --bits 4": ["--true-sequential"],
            "--group-size 127: GPTQ needs an even group size": ["--quantizer", "gptq", "--bits", "4", "--group-size",
                                                                 "127"],
            "no C4 calibration text": ["--quantizer", "gptq", "--bits", "4", "--data-dir", str(tmp_path)]}
