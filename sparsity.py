@@ -302,7 +302,7 @@ def _input_statistics(block, hidden, rest, batch, layers, kind):
                 x = x.reshape(-1, x.shape[-1]).float()
                 if name not in stats:
                     d = x.shape[1]
-                    stats[name] = torch.zeros(d, d, device=x.device) if kind == "hessian" else torch.zeros(d, device=x.device)
+                    stats[name] = torch.zeros((d, d) if kind == "hessian" else d, device=x.device)
                 if kind == "hessian":
                     add_gram_upper(stats[name], x)  # sum_t x x^T, upper triangle
                 else:

@@ -13,7 +13,8 @@ result back. Works everywhere (CPU included).
 the model, takes --nsamples C4 windows of --calib-len tokens (seed --seed) as sparsity.py does, and quantizes
 block by block: block l is calibrated on the outputs of the already quantized blocks < l
 (sparsity.calibrate_blocks); with --true-sequential, inside a block too, stage by stage: q,k,v, then o on
-the quantized q,k,v's outputs, then w1,w3, then w2 (the official GPTQ's option). Its grids are written into the same packed format as round-to-nearest's.
+the quantized q,k,v's outputs, then w1,w3, then w2 (the official GPTQ's option). Its grids are written into
+the same packed format as round-to-nearest's.
 
 Which weights: those named in the checkpoint's masks.safetensors, else the seven projections of every block
 (model.PROJECTIONS). A weight that is not 2:4 sparse is refused with its name. The printed report counts
@@ -190,8 +191,9 @@ def gptq_weights(cfg: PackConfig, ckpt: Path, state: dict, names: list, masks: d
         return scales.cpu(), mins.cpu()
 
     report = {}
-    grids = sparsity.calibrate_blocks(model, calib.to(device), targets, "hessian", work, f"gptq 4-bit g{cfg.group_size}",
-                                      report, stages=PROJECTION_STAGES if cfg.true_sequential else None)
+    stages = PROJECTION_STAGES if cfg.true_sequential else None
+    grids = sparsity.calibrate_blocks(model, calib.to(device), targets, "hessian", work,
+                                      f"gptq 4-bit g{cfg.group_size}", report, stages=stages)
     for name, lin in targets.items():
         state[name + ".weight"] = lin.weight.detach().cpu()
     times = {"gptq_s": report["total_s"], "gptq_forward_s": report["forward_s"]}
