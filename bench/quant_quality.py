@@ -74,18 +74,18 @@ def main(argv=None):
     quantizers = [x for x in cfg.quantizers.split(",") if x]
     if not quantizers or set(quantizers) - {"rtn", "gptq"}:
         raise UserError(f"--quantizers {cfg.quantizers}: a comma list of rtn, gptq")
-    gptq_how = ", act-order" * cfg.act_order + ", true-sequential" * cfg.true_sequential
+    gptq_options = [flag for flag, on in (("--act-order", cfg.act_order), ("--true-sequential", cfg.true_sequential))
+                    if on]
     for quantizer in quantizers:
         flags = ["--ckpt", str(ckpt), "--out", str(out / quantizer), "--bits", "4", "--group-size",
                  str(cfg.group_size), "--quantizer", quantizer, "--overwrite", "--device", cfg.device]
         if quantizer == "gptq":
             flags += ["--nsamples", str(cfg.nsamples), "--calib-len", str(cfg.calib_len), "--seed", str(cfg.seed)]
-            flags += ["--data-dir", str(data_dir)] + ["--act-order"] * cfg.act_order
-            flags += ["--true-sequential"] * cfg.true_sequential
+            flags += ["--data-dir", str(data_dir)] + gptq_options
         r = pack.main(flags)
         m, _ = load(out / quantizer, device=device, tokenizer=False)
         t = time.perf_counter()
-        how = gptq_how if quantizer == "gptq" else ""
+        how = "".join(f", {flag[2:]}" for flag in gptq_options) if quantizer == "gptq" else ""
         rows.append({"form": f"2:4 + {quantizer.upper()} 4-bit g{cfg.group_size}{how} (packed, rest fp32)", "ppl": ppl(m),
                      "linear_bpw": r["packed_bytes_per_weight"], "file_bytes": r["file_bytes"],
                      "file_bpw": r["file_bytes_per_weight"], "pack_s": r["seconds"], "report": r})
