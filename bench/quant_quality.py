@@ -5,7 +5,7 @@ keeps the 2:4 zeros and is calibrated block by block on C4, obs.gptq).
 
     python bench/quant_quality.py --ckpt DIR [--out out/quant_quality] [--nsamples 128 --calib-len 2048]
         [--ppl-seq-len 2048 --ppl-windows 8] [--group-size 128] [--dense smollm2-135m] [--quantizers rtn,gptq]
-        [--act-order] [--true-sequential]   # GPTQ's options (kernels.pack)
+        [--act-order] [--true-sequential] [--row-hessians]   # GPTQ's options (kernels.pack)
 
 The packed checkpoints and results.json go under --out (gitignored). Bytes per weight are counted from the
 files: the 2:4 linears' (header, positions, scales and mins included) and the whole file's.
@@ -45,6 +45,7 @@ class Config:
     quantizers: str = "rtn,gptq"  # which packed forms to measure (comma list of rtn, gptq)
     act_order: bool = False  # GPTQ's --act-order (kernels.pack)
     true_sequential: bool = False  # GPTQ's --true-sequential (kernels.pack)
+    row_hessians: bool = False  # GPTQ's --row-hessians (kernels.pack)
 
 
 def main(argv=None):
@@ -74,8 +75,8 @@ def main(argv=None):
     quantizers = [x for x in cfg.quantizers.split(",") if x]
     if not quantizers or set(quantizers) - {"rtn", "gptq"}:
         raise UserError(f"--quantizers {cfg.quantizers}: a comma list of rtn, gptq")
-    gptq_options = [flag for flag, on in (("--act-order", cfg.act_order), ("--true-sequential", cfg.true_sequential))
-                    if on]
+    gptq_options = [flag for flag, on in (("--act-order", cfg.act_order), ("--true-sequential", cfg.true_sequential),
+                                          ("--row-hessians", cfg.row_hessians)) if on]
     for quantizer in quantizers:
         flags = ["--ckpt", str(ckpt), "--out", str(out / quantizer), "--bits", "4", "--group-size",
                  str(cfg.group_size), "--quantizer", quantizer, "--overwrite", "--device", cfg.device]
