@@ -2,6 +2,7 @@
 
     python eval.py --ckpt smollm2-135m --tasks all --limit 200 --batch-size 16 --json results.json
     python eval.py --ckpt smollm2-135m --tasks wikitext2 --ppl-seq-len 2048 --ppl-windows 8   # 0: all windows
+    python eval.py --ckpt DIR --tasks wikitext2 --ppl-split valid   # the validation file: tune on it, not on test
 
 Perplexity follows the SparseGPT/Wanda script: encode the whole text once (one BOS at the start if the
 tokenizer adds one), cut n = len // L non-overlapping windows, drop the tail, ppl = exp(mean window NLL).
@@ -38,6 +39,7 @@ class EvalArgs:
     limit: int | None = None  # first N records of each zero-shot task file (None: all)
     ppl_seq_len: int = 2048  # WikiText-2 perplexity window length L
     ppl_windows: int = 0  # first N WikiText-2 windows (0: all)
+    ppl_split: Literal["test", "valid"] = "test"  # WikiText-2 file: the test set, or validation to tune on
     batch_size: int = 16  # at most this many items (packed rows) per forward pass
     json: str | None = None  # write results (and protocol) to this file
     log_samples: bool = False  # per-item log-likelihoods and predictions in the JSON
@@ -100,10 +102,13 @@ class WikiText2:
 
         ppl = WikiText2(tokenizer, data_dir, seq_len=2048, windows=8)   # windows 0: all of them
         ppl(model), ppl.describe()   # -> 20.71, "WikiText-2 test, seq-len 2048, first 8 of 148 windows, BOS no"
+
+    split "valid": the validation file, to choose settings on without looking at the test set.
     """
 
-    def __init__(self, tokenizer, data_dir, seq_len, windows=0, bos=None):
-        self.windows, self.protocol = perplexity_windows(tokenizer, wikitext2_text(data_dir), seq_len,
+    def __init__(self, tokenizer, data_dir, seq_len, windows=0, bos=None, split="test"):
+        self.split = split
+        self.windows, self.protocol = perplexity_windows(tokenizer, wikitext2_text(data_dir, split), seq_len,
                                                          windows or None, bos)
 
     def __call__(self, model, dtype=torch.float32) -> float:
@@ -118,7 +123,7 @@ class WikiText2:
 
     def describe(self) -> str:
         p = self.protocol
-        return (f"WikiText-2 test, seq-len {p['seq_len']}, first {p['windows']} of {p['tokens'] // p['seq_len']} "
+        return (f"WikiText-2 {self.split}, seq-len {p['seq_len']}, first {p['windows']} of {p['tokens'] // p['seq_len']} "
                 f"windows, BOS {'yes' if p['bos'] else 'no'}")
 
 
@@ -348,14 +353,15 @@ def evaluate_task(model, tokenizer, task, data_dir, limit=None, batch_size=16, b
 
 
 def evaluate(model, tokenizer, tasks, data_dir, limit=None, batch_size=16, bos=None, ppl_seq_len=2048,
-             ppl_windows=0) -> dict:
+             ppl_windows=0, ppl_split="test") -> dict:
     """Run `tasks` (names from TASKS and/or "wikitext2") on an in-memory model. limit: the first N records of
-    each zero-shot task; ppl_windows: the first N WikiText-2 windows of ppl_seq_len tokens (0: all).
+    each zero-shot task; ppl_windows: the first N WikiText-2 windows of ppl_seq_len tokens (0: all) of
+    ppl_split (test or valid).
     Returns {"results": {task: {...}}, "mean7": mean acc of PAPER_TASKS when all ran, else None}."""
     results = {}
     for task in tasks:
         if task == "wikitext2":
-            ppl = WikiText2(tokenizer, data_dir, ppl_seq_len, ppl_windows, bos)
+            ppl = WikiText2(tokenizer, data_dir, ppl_seq_len, ppl_windows, bos, ppl_split)
             t0 = time.perf_counter()
             results[task] = {"n": ppl.protocol["windows"], "ppl": ppl(model), "protocol": ppl.protocol,
                              "seconds": time.perf_counter() - t0}
@@ -397,11 +403,11 @@ def main(argv=None):
         if t != "wikitext2":
             read_task(data_dir, t, args.limit)
     if "wikitext2" in tasks:
-        files.insert(0, str(Path(data_dir) / "wikitext-2-raw" / "wiki.test.raw"))
+        files.insert(0, str(Path(data_dir) / "wikitext-2-raw" / f"wiki.{args.ppl_split}.raw"))
     model, tokenizer = load(args.ckpt, device=device, dtype=DTYPES[args.dtype])
     bos = {"auto": None, "yes": True, "no": False}[args.bos]
     out = evaluate(model, tokenizer, tasks, data_dir, args.limit, args.batch_size, bos, args.ppl_seq_len,
-                   args.ppl_windows)
+                   args.ppl_windows, args.ppl_split)
     protocol = {"model": args.ckpt, "dtype": args.dtype, "device": str(device), "ppl_seq_len": args.ppl_seq_len,
                 "ppl_windows": args.ppl_windows, "bos": _resolve_bos(tokenizer, bos), "bos_flag": args.bos,
                 "limit": args.limit, "data_files": files,

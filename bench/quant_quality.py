@@ -5,7 +5,8 @@ keeps the 2:4 zeros and is calibrated block by block on C4, obs.gptq).
 
     python bench/quant_quality.py --ckpt DIR [--out out/quant_quality] [--nsamples 128 --calib-len 2048]
         [--ppl-seq-len 2048 --ppl-windows 8] [--group-size 128] [--dense smollm2-135m] [--quantizers rtn,gptq]
-        [--act-order] [--true-sequential] [--row-hessians]   # GPTQ's options (kernels.pack)
+        [--act-order] [--true-sequential] [--row-hessians] [--percdamp 0.01]   # GPTQ's options (kernels.pack)
+        [--ppl-split valid]   # WikiText-2's validation file, to choose those options on
 
 The packed checkpoints and results.json go under --out (gitignored). Bytes per weight are counted from the
 files: the 2:4 linears' (header, positions, scales and mins included) and the whole file's.
@@ -15,6 +16,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -39,12 +41,14 @@ class Config:
     seed: int = 0  # calibration sampling seed
     ppl_seq_len: int = 2048  # WikiText-2 perplexity window length
     ppl_windows: int = 8  # evaluate only the first N perplexity windows (0: all)
+    ppl_split: Literal["test", "valid"] = "test"  # WikiText-2 file (valid: to choose GPTQ's settings on)
     dense: str | None = None  # also evaluate this dense model (a name or path) for reference
     data_dir: str | None = None  # default ./data, then ../shared/data
     device: Device = "auto"  # evaluation and GPTQ device
     quantizers: str = "rtn,gptq"  # which packed forms to measure (comma list of rtn, gptq)
     act_order: bool = False  # GPTQ's --act-order (kernels.pack)
     true_sequential: bool = False  # GPTQ's --true-sequential (kernels.pack)
+    percdamp: float = 0.01  # GPTQ's damping, fraction of mean(diag H) (kernels.pack)
     row_hessians: bool = False  # GPTQ's --row-hessians (kernels.pack)
 
 
@@ -58,7 +62,7 @@ def main(argv=None):
                         f"--sparsity 2:4 --out DIR)")
     device, data_dir = resolve_device(cfg.device), resolve_data_dir(cfg.data_dir)
     model, tok = load(ckpt, device=device)
-    ppl = WikiText2(tok, data_dir, cfg.ppl_seq_len, cfg.ppl_windows)
+    ppl = WikiText2(tok, data_dir, cfg.ppl_seq_len, cfg.ppl_windows, split=cfg.ppl_split)
     print(f"protocol: {ppl.describe()}", flush=True)
     rows = []
     if cfg.dense:
@@ -82,7 +86,7 @@ def main(argv=None):
                  str(cfg.group_size), "--quantizer", quantizer, "--overwrite", "--device", cfg.device]
         if quantizer == "gptq":
             flags += ["--nsamples", str(cfg.nsamples), "--calib-len", str(cfg.calib_len), "--seed", str(cfg.seed)]
-            flags += ["--data-dir", str(data_dir)] + gptq_options
+            flags += ["--data-dir", str(data_dir), "--percdamp", str(cfg.percdamp)] + gptq_options
         r = pack.main(flags)
         m, _ = load(out / quantizer, device=device, tokenizer=False)
         t = time.perf_counter()

@@ -350,6 +350,10 @@ def test_wikitext2_protocol_with_llama2_tokenizer(data_dir):
     ppl = ev.WikiText2(tok, data_dir, 2048, windows=8)
     assert ppl.describe() == "WikiText-2 test, seq-len 2048, first 8 of 166 windows, BOS yes"
     assert ev.WikiText2(tok, data_dir, 4096).protocol == ev.perplexity_protocol(tok, text, 4096)
+    valid = ev.WikiText2(tok, data_dir, 2048, windows=8, split="valid")
+    assert valid.describe() == "WikiText-2 valid, seq-len 2048, first 8 of 146 windows, BOS yes"
+    assert ev.WikiText2(tok, data_dir, 2048, split="valid").protocol == ev.perplexity_protocol(
+        tok, wikitext2_text(data_dir, "valid"), 2048)
 
 
 # ---------------------------------------------------------------- bad input
@@ -441,3 +445,9 @@ def test_cli_limit_is_task_records_and_ppl_windows_is_windows(tmp_path, monkeypa
     cut = run("--ppl-windows", "2")
     assert cut["results"]["wikitext2"]["n"] == 2 and cut["results"]["piqa"]["n"] == 3
     assert cut["protocol"]["ppl_windows"] == 2 and cut["protocol"]["limit"] is None
+    (tmp_path / "wikitext-2-raw" / "wiki.valid.raw").write_text(" = Other = \n \n a dog ran . \n" * 10)
+    valid = run("--ppl-split", "valid")  # the validation file, scored the same way
+    assert valid["protocol"]["data_files"][0].endswith("wiki.valid.raw")
+    assert valid["results"]["wikitext2"]["protocol"]["tokens"] != every["results"]["wikitext2"]["protocol"]["tokens"]
+    assert valid["results"]["wikitext2"]["ppl"] == pytest.approx(
+        ev.perplexity(model, tok, wikitext2_text(tmp_path, "valid"), 16), rel=1e-6)
