@@ -5,7 +5,7 @@ keeps the 2:4 zeros and is calibrated block by block on C4, obs.gptq).
 
     python bench/quant_quality.py --ckpt DIR [--out out/quant_quality] [--nsamples 128 --calib-len 2048]
         [--ppl-seq-len 2048 --ppl-windows 8] [--group-size 128] [--dense smollm2-135m] [--quantizers rtn,gptq]
-        [--act-order] [--true-sequential] [--row-hessians] [--percdamp 0.01]   # GPTQ's options (kernels.pack)
+        [--act-order] [--true-sequential] [--percdamp 0.01]   # GPTQ's options (kernels.pack)
         [--ppl-split valid]   # WikiText-2's validation file, to choose those options on
 
 The packed checkpoints and results.json go under --out (gitignored). Bytes per weight are counted from the
@@ -49,7 +49,6 @@ class Config:
     act_order: bool = False  # GPTQ's --act-order (kernels.pack)
     true_sequential: bool = False  # GPTQ's --true-sequential (kernels.pack)
     percdamp: float = 0.01  # GPTQ's damping, fraction of mean(diag H) (kernels.pack)
-    row_hessians: bool = False  # GPTQ's --row-hessians (kernels.pack)
 
 
 def main(argv=None):
@@ -79,8 +78,8 @@ def main(argv=None):
     quantizers = [x for x in cfg.quantizers.split(",") if x]
     if not quantizers or set(quantizers) - {"rtn", "gptq"}:
         raise UserError(f"--quantizers {cfg.quantizers}: a comma list of rtn, gptq")
-    gptq_options = [flag for flag, on in (("--act-order", cfg.act_order), ("--true-sequential", cfg.true_sequential),
-                                          ("--row-hessians", cfg.row_hessians)) if on]
+    gptq_options = [flag for flag, on in (("--act-order", cfg.act_order), ("--true-sequential", cfg.true_sequential))
+                    if on]
     for quantizer in quantizers:
         flags = ["--ckpt", str(ckpt), "--out", str(out / quantizer), "--bits", "4", "--group-size",
                  str(cfg.group_size), "--quantizer", quantizer, "--overwrite", "--device", cfg.device]

@@ -13,9 +13,8 @@ result back. Works everywhere (CPU included).
 the model, takes --nsamples C4 windows of --calib-len tokens (seed --seed) as sparsity.py does, and quantizes
 block by block: block l is calibrated on the outputs of the already quantized blocks < l
 (sparsity.calibrate_blocks); with --true-sequential, inside a block too, stage by stage: q,k,v, then o on
-the quantized q,k,v's outputs, then w1,w3, then w2 (the official GPTQ's option); with --row-hessians each
-row is walked on the Hessian of its own kept inputs (exact updates for the fixed 2:4 mask; ours, slower). Its
-grids are written into the same packed format as round-to-nearest's.
+the quantized q,k,v's outputs, then w1,w3, then w2 (the official GPTQ's option). Its grids are written into
+the same packed format as round-to-nearest's.
 
 Which weights: those named in the checkpoint's masks.safetensors, else the seven projections of every block
 (model.PROJECTIONS). A weight that is not 2:4 sparse is refused with its name. The printed report counts
@@ -62,7 +61,6 @@ class PackConfig:
     percdamp: float = 0.01  # GPTQ damping, fraction of mean(diag H)
     act_order: bool = False  # GPTQ: walk the columns by decreasing H_jj, every grid fitted first (official --act-order)
     true_sequential: bool = False  # GPTQ: q,k,v → o → w1,w3 → w2, each on the quantized earlier ones' outputs
-    row_hessians: bool = False  # GPTQ: each row on the Hessian of its own kept inputs (exact for the fixed mask)
     data_dir: str | None = None  # GPTQ's C4: default ./data, then ../shared/data
     device: Device = "auto"  # GPTQ's calibration device (auto: cuda when torch sees a GPU)
 
@@ -86,9 +84,8 @@ def check_paths(cfg: PackConfig) -> tuple[Path, Path]:
             raise UserError(f"--group-size {cfg.group_size}: GPTQ needs an even group size (a group of kept "
                             "values must end where a group of 4 inputs ends)")
         c4_paths(resolve_data_dir(cfg.data_dir))  # the calibration text is there, before any work
-    elif cfg.act_order or cfg.true_sequential or cfg.row_hessians:
-        flag = next(f for f, on in (("--act-order", cfg.act_order), ("--true-sequential", cfg.true_sequential),
-                                    ("--row-hessians", cfg.row_hessians)) if on)
+    elif cfg.act_order or cfg.true_sequential:
+        flag = "--act-order" if cfg.act_order else "--true-sequential"
         raise UserError(f"{flag} is an option of GPTQ: add --quantizer gptq --bits 4")
     check_output_dir(out, cfg.overwrite)
     return ckpt, out
@@ -189,7 +186,7 @@ def gptq_weights(cfg: PackConfig, ckpt: Path, state: dict, names: list, masks: d
         mask = masks.get(name) if masks else None
         keep = packed.slot_mask(packed.check_2to4(name + ".weight", lin.weight.cpu(), mask))
         new, scales, mins = obs.gptq(lin.weight, hessian, keep.to(device), 2 * cfg.group_size, cfg.blocksize,
-                                     cfg.percdamp, name, cfg.act_order, cfg.row_hessians)
+                                     cfg.percdamp, name, cfg.act_order)
         lin.weight.copy_(new)
         return scales.cpu(), mins.cpu()
 

@@ -256,43 +256,6 @@ def test_act_order_without_error_feedback_changes_nothing():
     assert torch.equal(a, b) and torch.equal(sa, sb) and torch.equal(ma, mb)
 
 
-@pytest.mark.parametrize("group_cols, blocksize, chunk_rows, act_order", [(64, 128, 12, False), (128, 32, 5, False),
-                                                                         (64, 128, 5, True), (128, 32, 12, True)])
-def test_row_hessians_walk_each_row_on_the_hessian_of_its_kept_inputs(group_cols, blocksize, chunk_rows, act_order,
-                                                                      monkeypatch):
-    """row_hessians: row r is GPTQ of its kept entries alone (in their order; act_order: by decreasing H_jj, grids
-    fixed first) on H[K_r, K_r], damped with the whole H's damping: the float64 reference on each row's own
-    problem; rows made in chunks give the same result."""
-    monkeypatch.setattr(obs, "ROW_CHUNK_BYTES", chunk_rows * 4 * 128 ** 2)  # 12 rows at once, or chunks of 5
-    X = correlated_inputs(2048, 256, seed=5)
-    W = weight_2to4(12, 256, seed=6)
-    H = 2 * X.T @ X / 2048
-    keep = packed.slot_mask(packed.check_2to4("w", W))
-    W_hat, scales, mins = obs.gptq(W, H, keep, group_cols, blocksize=blocksize, act_order=act_order,
-                                   row_hessians=True)
-    assert (W_hat[~keep] == 0).all() and scales.shape == (12, 256 // group_cols)
-    damped = H + 0.01 * H.diag().mean() * torch.eye(256)
-    for r in range(12):
-        K = keep[r].nonzero()[:, 0]
-        ref = gptq_reference(W[r:r + 1, K], damped[K][:, K], torch.ones(1, 128, dtype=torch.bool), group_cols // 2,
-                             percdamp=0.0, act_order=act_order)[0]
-        close = torch.isclose(W_hat[r, K].double(), ref, rtol=1e-4, atol=1e-5)
-        assert close.float().mean() > 0.99, r  # a float32 rounding near a half step may flip a rare code
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_row_hessians_layer_error_is_below_the_shared_hessians(seed):
-    """With the mask fixed, one shared H^-1 lets pruned entries take a share of each update and then zeroes
-    them; each row's own Hessian spends every update on kept entries, so the layer's error is lower."""
-    X = correlated_inputs(2048, 512, seed=seed)
-    W = weight_2to4(64, 512, seed=seed + 10)
-    keep = packed.slot_mask(packed.check_2to4("w", W))
-    H = 2 * X.T @ X / X.shape[0]
-    shared = recon_error(X, W, obs.gptq(W, H, keep, group_cols=256)[0])
-    own = recon_error(X, W, obs.gptq(W, H, keep, group_cols=256, row_hessians=True)[0])
-    assert own < (0.999 if seed == 0 else 0.85) * shared, (own, shared)  # measured 0.998x, 0.78x, 0.81x, 0.78x
-
-
 def test_gptq_refuses_bad_input():
     W = weight_2to4(8, 32)
     with pytest.raises(UserError, match="wq: keep must be a bool mask of shape"):
@@ -301,8 +264,6 @@ def test_gptq_refuses_bad_input():
         obs.gptq(W, torch.eye(32), W != 0, 0)
     with pytest.raises(UserError, match="GPTQ's Hessian is not positive definite"):
         obs.gptq(W, -torch.eye(32), W != 0, 16, percdamp=0.0)
-    with pytest.raises(UserError, match="wq: per-row Hessians need exactly 2 kept of every 4 inputs"):
-        obs.gptq(W, torch.eye(32), torch.ones(8, 32, dtype=torch.bool), 16, name="wq", row_hessians=True)
 
 
 # ----------------------------------------------------------------------------- kernels.pack --quantizer gptq
@@ -320,10 +281,8 @@ def capture_inputs(model, calib, names):
     return {n: torch.cat(v).double() for n, v in got.items()}
 
 
-@pytest.mark.parametrize("act_order,true_sequential,row_hessians", [(False, False, False), (True, False, False),
-                                                                   (False, True, False), (False, True, True)])
-def test_pack_gptq_calibrates_each_block_on_quantized_blocks(tmp_path, data_dir, act_order, true_sequential,
-                                                             row_hessians):
+@pytest.mark.parametrize("act_order,true_sequential", [(False, False), (True, False), (False, True)])
+def test_pack_gptq_calibrates_each_block_on_quantized_blocks(tmp_path, data_dir, act_order, true_sequential):
     """kernels.pack --quantizer gptq [--act-order] == GPTQ of every layer on the inputs that full forwards through
     the already quantized blocks give (rebuilt here), written into the packed format; load() returns GPTQ's floats.
     --true-sequential: inside a block too, each stage on the outputs of the quantized stages before it."""
@@ -335,8 +294,7 @@ def test_pack_gptq_calibrates_each_block_on_quantized_blocks(tmp_path, data_dir,
     shutil.copy(data_dir / "tokenizers" / "llama2" / "tokenizer.model", tmp_path / "ck")
     flags = ["--ckpt", str(tmp_path / "ck"), "--out", str(tmp_path / "gptq"), "--bits", "4", "--quantizer", "gptq",
              "--group-size", "32", "--nsamples", "4", "--calib-len", "32", "--data-dir", str(data_dir),
-             "--device", "cpu"] + ["--act-order"] * act_order + ["--true-sequential"] * true_sequential + \
-        ["--row-hessians"] * row_hessians
+             "--device", "cpu"] + ["--act-order"] * act_order + ["--true-sequential"] * true_sequential
     report = pack.main(flags)
     assert report["gptq_s"] > 0
     got, _ = checkpoint.load(tmp_path / "gptq", tokenizer=False)
@@ -352,8 +310,7 @@ def test_pack_gptq_calibrates_each_block_on_quantized_blocks(tmp_path, data_dir,
         with torch.no_grad():
             for n in names:
                 H = (2 * X[n].T @ X[n] / X[n].shape[0]).float()
-                W_hat, _, _ = obs.gptq(modules[n].weight, H, masks[n], group_cols=64, act_order=act_order,
-                                       row_hessians=row_hessians)
+                W_hat, _, _ = obs.gptq(modules[n].weight, H, masks[n], group_cols=64, act_order=act_order)
                 assert (got[n].weight[~masks[n]] == 0).all(), n
                 flips.append((~torch.isclose(W_hat, got[n].weight, rtol=1e-4, atol=1e-6)).float().mean().item())
                 modules[n].weight.copy_(got[n].weight)  # the next block sees what the pipeline made
@@ -389,7 +346,6 @@ def test_pack_gptq_flags_fail_before_any_work(tmp_path, cli_error, data_dir, mon
     bad = {"--quantizer gptq quantizes to 4 bits: add --bits 4": ["--quantizer", "gptq"],
            "--act-order is an option of GPTQ: add --quantizer gptq --bits 4": ["--bits", "4", "--act-order"],
            "--true-sequential is an option of GPTQ: add --quantizer gptq --bits 4": ["--true-sequential"],
-           "--row-hessians is an option of GPTQ: add --quantizer gptq --bits 4": ["--row-hessians"],
            "--group-size 127: GPTQ needs an even group size": ["--quantizer", "gptq", "--bits", "4", "--group-size",
                                                                 "127"],
            "no C4 calibration text": ["--quantizer", "gptq", "--bits", "4", "--data-dir", str(tmp_path)]}
