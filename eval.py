@@ -123,8 +123,8 @@ class WikiText2:
 
     def describe(self) -> str:
         p = self.protocol
-        return (f"WikiText-2 {self.split}, seq-len {p['seq_len']}, first {p['windows']} of {p['tokens'] // p['seq_len']} "
-                f"windows, BOS {'yes' if p['bos'] else 'no'}")
+        return (f"WikiText-2 {self.split}, seq-len {p['seq_len']}, first {p['windows']} of "
+                f"{p['tokens'] // p['seq_len']} windows, BOS {'yes' if p['bos'] else 'no'}")
 
 
 # -----------------------------------------------------------------------------------------------------
