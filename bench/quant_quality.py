@@ -90,6 +90,8 @@ def main(argv=None):
         m, _ = load(out / quantizer, device=device, tokenizer=False)
         t = time.perf_counter()
         how = "".join(f", {flag[2:]}" for flag in gptq_options) if quantizer == "gptq" else ""
+        if quantizer == "gptq" and cfg.percdamp != pack.PackConfig.percdamp:
+            how += f", percdamp {cfg.percdamp:g}"
         rows.append({"form": f"2:4 + {quantizer.upper()} 4-bit g{cfg.group_size}{how} (packed, rest fp32)", "ppl": ppl(m),
                      "linear_bpw": r["packed_bytes_per_weight"], "file_bytes": r["file_bytes"],
                      "file_bpw": r["file_bytes_per_weight"], "pack_s": r["seconds"], "report": r})
