@@ -35,9 +35,14 @@ def resolve_data_dir(arg=None) -> Path:
                     "instruct/; see README.md 'Data') in ./data or ../shared/data")
 
 
+def wikitext2_path(data_dir, split="test") -> Path:
+    """The raw WikiText-2 file of a split (test or valid)."""
+    return Path(data_dir) / "wikitext-2-raw" / f"wiki.{split}.raw"
+
+
 def wikitext2_text(data_dir, split="test") -> str:
     """WikiText-2 raw as the Hugging Face rows joined with "\\n\\n" (a blank line " \\n" becomes an empty row)."""
-    path = Path(data_dir) / "wikitext-2-raw" / f"wiki.{split}.raw"
+    path = wikitext2_path(data_dir, split)
     if not path.exists():
         raise UserError(f"{path} not found: it is wiki.{split}.raw of wikitext-2-raw-v1; put it there or pass --data-dir")
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)

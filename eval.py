@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from checkpoint import load
 from cli import (DTYPES, Device, DType, Progress, UserError, atomic_write, autocast, check_output_file, cli_main,
                  parse_config, resolve_device)
-from data import resolve_data_dir, wikitext2_text
+from data import resolve_data_dir, wikitext2_path, wikitext2_text
 
 
 @dataclass
@@ -403,7 +403,7 @@ def main(argv=None):
         if t != "wikitext2":
             read_task(data_dir, t, args.limit)
     if "wikitext2" in tasks:
-        files.insert(0, str(Path(data_dir) / "wikitext-2-raw" / f"wiki.{args.ppl_split}.raw"))
+        files.insert(0, str(wikitext2_path(data_dir, args.ppl_split)))
     model, tokenizer = load(args.ckpt, device=device, dtype=DTYPES[args.dtype])
     bos = {"auto": None, "yes": True, "no": False}[args.bos]
     out = evaluate(model, tokenizer, tasks, data_dir, args.limit, args.batch_size, bos, args.ppl_seq_len,
