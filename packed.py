@@ -30,7 +30,7 @@ are read too) and "layout" (JSON: for every packed weight its shape, dtype and p
 group_size when quantized). Tensor names: "<weight name>.values" or ".codes/.scales/.mins", and
 "<weight name>.positions".
 
-checkpoint.load() reads a directory holding packed.safetensors; `python -m kernels.pack` writes one.
+checkpoint.load() reads a directory holding packed.safetensors; `python -m kernels24.pack` writes one.
 """
 import json
 from pathlib import Path
@@ -287,7 +287,7 @@ def read_packed(path) -> tuple[dict, dict]:
         raise UserError(f"cannot read {path}: {e}; the file is missing, truncated or corrupt") from None
     if meta.get("format") != FORMAT:
         raise UserError(f"{path}: not a packed 2:4 file (metadata format {meta.get('format')!r}); "
-                        "write it with python -m kernels.pack")
+                        "write it with python -m kernels24.pack")
     if meta.get("version") not in READS:
         raise UserError(f"{path}: packed format version {meta.get('version')} is not one this code reads "
                         f"({', '.join(READS)}); re-pack it")

@@ -16,11 +16,11 @@ unstructured (a ratio) or N:M semi-structured along the input dimension (2:4, 4:
 
 Calibration is sequential, one decoder block at a time (as in the official code): the calibration windows
 are run through block l, its layers are pruned, and the windows are run through the pruned block again to
-become the inputs of block l+1 (calibrate_blocks, which kernels.pack's GPTQ uses too); only one block's
+become the inputs of block l+1 (calibrate_blocks, which kernels24.pack's GPTQ uses too); only one block's
 activations live at once, so a 7B model calibrates on one GPU. Where the papers leave room we do as the
 official code does:
 - the seven layers of a block are scored on the same block inputs (GPTQ's "true sequential", stage by stage
-  inside a block, is an option of calibrate_blocks that kernels.pack's GPTQ uses);
+  inside a block, is an option of calibrate_blocks that kernels24.pack's GPTQ uses);
 - magnitude's unstructured masks compare the whole layer, Wanda's each output row, SparseGPT's each
   (rows x 128) column block; N:M groups are runs of M inputs in each row for all three;
 - exact counts (a sort, not a `<= threshold`): dequantized 4-bit weights tie a lot;

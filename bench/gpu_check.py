@@ -12,7 +12,7 @@ env: GPU, torch, CUDA, cuDNN, cuSPARSELt, NCCL. stage: the model the checks run,
 in the cache (never fetched here: a GPU box may be offline), else random weights in its shape (said so: perplexities
 are then meaningless, comparisons still hold). eval: WikiText-2 windows on CUDA fp32 and bf16 against CPU fp32
 (fp32: perplexity within 1e-4 relative and >= 99% same next-token predictions; bf16 reported). sparse:
-kernels.sparse.to_sparse per backend on a bf16 2:4 model: logits against dense, greedy generation equal. sdpa: which
+kernels24.sparse.to_sparse per backend on a bf16 2:4 model: logits against dense, greedy generation equal. sdpa: which
 scaled_dot_product_attention backends run each attention path of model.py, and which one runs by default. compare:
 two training runs' exports (masks, weights, last perplexity) and the full shapes of the optimizer state in state.pt.
 """
@@ -33,7 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import checkpoint  # noqa: E402
 from eval import WikiText2, packed_hidden  # noqa: E402
-from kernels.sparse import BACKENDS, to_sparse  # noqa: E402
+from kernels24.sparse import BACKENDS, to_sparse  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 from sparsity import check_nm, prunable_linears, prune  # noqa: E402
 from tokenizer import TiktokenTokenizer, load_tokenizer  # noqa: E402

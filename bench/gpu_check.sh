@@ -13,7 +13,7 @@
 # tests/test_training.py checks that every flag used below exists.
 #
 # Steps (limit in s): env 20 | stage 60 | GPU tests 90 | AST bf16 100 | eval CUDA vs CPU 60 | to_sparse 60 |
-# SDPA backends 40 | FSDP 1 process + resume 150 | PAT 75 | kernels.bench 120 | bench_ast 60.
+# SDPA backends 40 | FSDP 1 process + resume 150 | PAT 75 | kernels24.bench 120 | bench_ast 60.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD"
@@ -83,7 +83,7 @@ step_pat() {
         --autocast bfloat16 --max-steps 12 --batch-size 8 --seq-len 256 --ppl-windows 4 --ppl-seq-len 512 --log-interval 4
 }
 step_kernels() {
-    python -m kernels.bench --smollm2 "$CKPT" --tokens 16,128,4096 --runs 20 --model-runs 3 \
+    python -m kernels24.bench --smollm2 "$CKPT" --tokens 16,128,4096 --runs 20 --model-runs 3 \
         --models smollm2-135m,llama2-7b-random --prefill 128,4096 --decode-batch 1,16 --decode-steps 8 --out "$WORK/kernels"
 }
 step_bench_ast() { python bench/bench_ast.py --ckpt "$CKPT" --steps 5 --warmup 1 --mask-interval 5 --batch-size 4 --seq-len 512; }
@@ -125,11 +125,11 @@ run stage 60 "stage the model and data"
 run tests 90 "GPU tests (pytest -m 'not slow' -k gpu)"
 run ast 100 "AST on SmolLM2, bf16, 20 steps"
 run eval 60 "eval: CUDA fp32 / bf16 vs CPU"
-run sparse 60 "kernels.sparse.to_sparse on the AST model"
+run sparse 60 "kernels24.sparse.to_sparse on the AST model"
 run sdpa 40 "SDPA backends per attention path"
 run fsdp 150 "FSDP, 1 process: run, SIGTERM, resume"
 run pat 75 "PAT, 12 steps"
-run kernels 120 "kernels.bench per-linear and whole-model"
+run kernels 120 "kernels24.bench per-linear and whole-model"
 run bench_ast 60 "bench_ast: AST vs dense step on CUDA"
 
 {

@@ -1,6 +1,6 @@
 """
 The README's storage table: a real 2:4 SmolLM2-135M (magnitude 2:4 on the 7 projections of every block)
-packed by kernels.pack in each storage form (pattern-coded positions, and once the older 2-bit positions);
+packed by kernels24.pack in each storage form (pattern-coded positions, and once the older 2-bit positions);
 bytes per weight counted from the files (header, positions, scales and mins included), compression vs fp32,
 pack time, and the packed model's logits vs the 2:4 model's.
 
@@ -22,7 +22,7 @@ import packed  # noqa: E402
 import sparsity  # noqa: E402
 from checkpoint import load  # noqa: E402
 from cli import cli_main, parse_config  # noqa: E402
-from kernels import pack  # noqa: E402
+from kernels24 import pack  # noqa: E402
 
 FORMS = [  # (label, pack CLI flags); positions are pattern-coded (the default) unless --positions 2bit
     ("2:4, fp32 values", []),

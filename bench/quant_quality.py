@@ -1,11 +1,11 @@
 """
 2:4 + 4-bit with quality measured: WikiText-2 perplexity and bytes of a 2:4 checkpoint as it is (fp32), packed
-with round-to-nearest 4-bit g128 and with GPTQ 4-bit g128 (kernels.pack --bits 4 --quantizer rtn|gptq; GPTQ
+with round-to-nearest 4-bit g128 and with GPTQ 4-bit g128 (kernels24.pack --bits 4 --quantizer rtn|gptq; GPTQ
 keeps the 2:4 zeros and is calibrated block by block on C4, obs.gptq).
 
     python bench/quant_quality.py --ckpt DIR [--out out/quant_quality] [--nsamples 128 --calib-len 2048]
         [--ppl-seq-len 2048 --ppl-windows 8] [--group-size 128] [--dense smollm2-135m] [--quantizers rtn,gptq]
-        [--act-order] [--true-sequential] [--percdamp 0.01]   # GPTQ's options (kernels.pack)
+        [--act-order] [--true-sequential] [--percdamp 0.01]   # GPTQ's options (kernels24.pack)
         [--ppl-split valid]   # WikiText-2's validation file, to choose those options on
 
 The packed checkpoints and results.json go under --out (gitignored). Bytes per weight are counted from the
@@ -26,7 +26,7 @@ from checkpoint import load  # noqa: E402
 from cli import Device, UserError, check_output_dir, cli_main, parse_config, resolve_device  # noqa: E402
 from data import resolve_data_dir  # noqa: E402
 from eval import WikiText2  # noqa: E402
-from kernels import pack  # noqa: E402
+from kernels24 import pack  # noqa: E402
 
 
 @dataclass
@@ -46,9 +46,9 @@ class Config:
     data_dir: str | None = None  # default ./data, then ../shared/data
     device: Device = "auto"  # evaluation and GPTQ device
     quantizers: str = "rtn,gptq"  # which packed forms to measure (comma list of rtn, gptq)
-    act_order: bool = False  # GPTQ's --act-order (kernels.pack)
-    true_sequential: bool = False  # GPTQ's --true-sequential (kernels.pack)
-    percdamp: float = 0.01  # GPTQ's damping, fraction of mean(diag H) (kernels.pack)
+    act_order: bool = False  # GPTQ's --act-order (kernels24.pack)
+    true_sequential: bool = False  # GPTQ's --true-sequential (kernels24.pack)
+    percdamp: float = 0.01  # GPTQ's damping, fraction of mean(diag H) (kernels24.pack)
 
 
 def main(argv=None):

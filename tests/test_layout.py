@@ -29,11 +29,11 @@ ALLOWED = {  # module -> the project modules it may import
     "sparsity": {"cli", "data", "model", "eval", "checkpoint", "obs"},
     "pat": {"cli", "model"},  # PAT's modules, mask and merge (train_pat trains them)
     # 2:4 sparsity beyond masks
-    "kernels": set(),
-    "kernels.pack": {"cli", "model", "packed", "checkpoint", "sparsity", "obs", "data"},
-    "kernels.sparse": {"cli", "sparsity"},
-    "kernels.bench": {"cli", "model", "checkpoint", "sparsity", "kernels.sparse"},
-    # the two trainers at the top: never each other, never kernels
+    "kernels24": set(),  # not "kernels": a PyPI package of that name comes with transformers
+    "kernels24.pack": {"cli", "model", "packed", "checkpoint", "sparsity", "obs", "data"},
+    "kernels24.sparse": {"cli", "sparsity"},
+    "kernels24.bench": {"cli", "model", "checkpoint", "sparsity", "kernels24.sparse"},
+    # the two trainers at the top: never each other, never kernels24
     "train_ast": TRAINER_MAY_IMPORT,
     "train_pat": TRAINER_MAY_IMPORT | {"pat"},
 }
@@ -44,7 +44,7 @@ DYNAMIC_IMPORTS = {"__import__", "import_module", "importorskip"}  # f("name") c
 # ----------------------------------------------------------------------------- reading the imports
 
 def module_name(rel: str) -> str:
-    """'kernels/pack.py' -> 'kernels.pack', 'kernels/__init__.py' -> 'kernels', 'bench/x.py' -> 'bench.x'."""
+    """'kernels24/pack.py' -> 'kernels24.pack', 'kernels24/__init__.py' -> 'kernels24', 'bench/x.py' -> 'bench.x'."""
     parts = list(Path(rel).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
@@ -52,8 +52,8 @@ def module_name(rel: str) -> str:
 
 
 def read_sources() -> dict:
-    """{relative path: source} of every .py file we check: top level, kernels/, bench/, tests/."""
-    files = [*ROOT.glob("*.py"), *ROOT.glob("kernels/*.py"), *ROOT.glob("bench/*.py"), *ROOT.glob("tests/*.py")]
+    """{relative path: source} of every .py file we check: top level, kernels24/, bench/, tests/."""
+    files = [*ROOT.glob("*.py"), *ROOT.glob("kernels24/*.py"), *ROOT.glob("bench/*.py"), *ROOT.glob("tests/*.py")]
     return {f.relative_to(ROOT).as_posix(): f.read_text(encoding="utf-8") for f in sorted(files)}
 
 
@@ -88,7 +88,7 @@ class Imports(ast.NodeVisitor):
         if node.level:  # relative: from . import x / from .x import y, inside a package
             up = self.package.split(".")[: len(self.package.split(".")) - node.level + 1]
             base = ".".join(p for p in [*up, base] if p)
-        # `from kernels import pack` reads kernels.pack (a module), `from cli import UserError` reads cli
+        # `from kernels24 import pack` reads kernels24.pack (a module), `from cli import UserError` reads cli
         self.found.extend((node.lineno, ".".join(p for p in (base, a.name) if p), self.depth > 0) for a in node.names)
 
     def visit_Call(self, node):
@@ -122,7 +122,7 @@ def arrows(sources: dict) -> list:
         visitor = Imports(package)
         visitor.visit(ast.parse(source, filename=rel))
         for line, dotted, nested in visitor.found:
-            parts = dotted.split(".")  # the longest prefix naming one of ours: kernels.sparse.f -> kernels.sparse
+            parts = dotted.split(".")  # the longest prefix naming one of ours: kernels24.sparse.f -> kernels24.sparse
             prefixes = (".".join(parts[:n]) for n in range(len(parts), 0, -1))
             hit = next((known[p] for p in prefixes if p in known), None)
             arrow = (rel, line, name, hit, nested)
@@ -213,7 +213,7 @@ def test_allowed_is_closed_and_acyclic():
     assert cycle is None, f"ALLOWED itself has a cycle: {' -> '.join(cycle)}"
     assert "train_pat" not in ALLOWED["train_ast"] and "train_ast" not in ALLOWED["train_pat"]
     for low in ("eval", "sparsity"):
-        assert not {d for d in ALLOWED[low] if d.startswith(("train_", "kernels"))}, f"{low} may import a trainer"
+        assert not {d for d in ALLOWED[low] if d.startswith(("train_", "kernels24"))}, f"{low} may import a trainer"
 
 
 def test_every_project_module_is_listed():
@@ -252,8 +252,8 @@ def test_no_file_over_500_lines():
 def test_the_rules_catch_what_they_claim():
     """Each rule on a small made-up tree: a check that can't fail proves nothing."""
     clean = {"cli.py": "import os\n", "model.py": "import torch\n", "data.py": "from cli import UserError\n",
-             "kernels/__init__.py": "", "kernels/pack.py": "", "kernels/sparse.py": "from cli import UserError\n",
-             "kernels/bench.py": "from kernels import sparse\n", "train_ast.py": "import data\n",
+             "kernels24/__init__.py": "", "kernels24/pack.py": "", "kernels24/sparse.py": "from cli import UserError\n",
+             "kernels24/bench.py": "from kernels24 import sparse\n", "train_ast.py": "import data\n",
              "train_pat.py": "import data\n", "bench/helper.py": "", "tests/test_x.py": "import train_ast\n"}
     rules = (unlisted_modules, layering_violations, bench_or_tests_imports, nested_imports, import_cycle, long_files)
 
@@ -262,23 +262,23 @@ def test_the_rules_catch_what_they_claim():
         return [p for rule in rules for p in rule(tree)]
 
     assert problems() == []
-    assert problems(kernels__bench="from kernels import sparse\nimport sparsity\n") == []  # allowed arrows
+    assert problems(kernels24__bench="from kernels24 import sparse\nimport sparsity\n") == []  # allowed arrows
     assert problems(train_ast="import data\nimport train_pat\n") == [
         "train_ast.py:2: train_ast -> train_pat (not allowed; train_ast may import: "
         + ", ".join(sorted(TRAINER_MAY_IMPORT)) + ")"]
-    assert problems(kernels__bench="from . import sparse\nfrom .sparse import to_sparse\n") == []  # relative
-    assert problems(kernels__bench="from ..train_pat import x\n")[0].startswith(
-        "kernels/bench.py:1: kernels.bench -> train_pat (not allowed")
-    assert problems(kernels__bench="from kernels import pack\n")[0].startswith(
-        "kernels/bench.py:1: kernels.bench -> kernels.pack (not allowed")
-    assert problems(data="from cli import UserError\nfrom kernels.sparse import to_sparse\n")[0].startswith(
-        "data.py:2: data -> kernels.sparse (not allowed")
+    assert problems(kernels24__bench="from . import sparse\nfrom .sparse import to_sparse\n") == []  # relative
+    assert problems(kernels24__bench="from ..train_pat import x\n")[0].startswith(
+        "kernels24/bench.py:1: kernels24.bench -> train_pat (not allowed")
+    assert problems(kernels24__bench="from kernels24 import pack\n")[0].startswith(
+        "kernels24/bench.py:1: kernels24.bench -> kernels24.pack (not allowed")
+    assert problems(data="from cli import UserError\nfrom kernels24.sparse import to_sparse\n")[0].startswith(
+        "data.py:2: data -> kernels24.sparse (not allowed")
     nested = problems(data="from cli import UserError\n\ndef f():\n    import cli\n")
     assert nested == ["data.py:4: data -> cli inside a function (import it at the top of the file)"]
     assert problems(data="def f():\n    from cli import UserError, cli_main\n") == [  # one arrow per line
         "data.py:2: data -> cli inside a function (import it at the top of the file)"]
     assert problems(data="class A:\n    def f(self):\n        from cli import UserError\n")[0].startswith("data.py:3:")
-    assert problems(data="import kernels.sparse as ks\n")[0].startswith("data.py:1: data -> kernels.sparse (not")
+    assert problems(data="import kernels24.sparse as ks\n")[0].startswith("data.py:1: data -> kernels24.sparse (not")
     assert problems(bench__helper="def main():\n    import data\n") == [
         "bench/helper.py:2: bench.helper -> data inside a function (import it at the top of the file)"]
     assert problems(tests__test_x="def test():\n    import train_ast\n") == []  # tests may import late

@@ -2,7 +2,7 @@
 (frozen copy below, bit for bit); GPTQ against round-to-nearest (a diagonal Hessian: no error feedback, the
 same grid), against an unblocked float64 reference written from the paper (explicit inverse-Hessian updates,
 no Cholesky), its reconstruction error below RTN's, pruned entries exactly 0 and kept ones on the packed
-grid; and the whole pipeline (kernels.pack --quantizer gptq) against block-by-block captured inputs."""
+grid; and the whole pipeline (kernels24.pack --quantizer gptq) against block-by-block captured inputs."""
 import copy
 import itertools
 import shutil
@@ -16,7 +16,7 @@ import packed
 import sparsity as sp
 from cli import UserError
 from data import c4_paths, calibration_windows
-from kernels import pack
+from kernels24 import pack
 from model import PROJECTION_STAGES, PROJECTIONS, ModelArgs, Transformer
 
 
@@ -266,7 +266,7 @@ def test_gptq_refuses_bad_input():
         obs.gptq(W, -torch.eye(32), W != 0, 16, percdamp=0.0)
 
 
-# ----------------------------------------------------------------------------- kernels.pack --quantizer gptq
+# ----------------------------------------------------------------------------- kernels24.pack --quantizer gptq
 
 def capture_inputs(model, calib, names):
     """Inputs of the named linears for the whole calibration batch, through full model forwards."""
@@ -283,7 +283,7 @@ def capture_inputs(model, calib, names):
 
 @pytest.mark.parametrize("act_order,true_sequential", [(False, False), (True, False), (False, True)])
 def test_pack_gptq_calibrates_each_block_on_quantized_blocks(tmp_path, data_dir, act_order, true_sequential):
-    """kernels.pack --quantizer gptq [--act-order] == GPTQ of every layer on the inputs that full forwards through
+    """kernels24.pack --quantizer gptq [--act-order] == GPTQ of every layer on the inputs that full forwards through
     the already quantized blocks give (rebuilt here), written into the packed format; load() returns GPTQ's floats.
     --true-sequential: inside a block too, each stage on the outputs of the quantized stages before it."""
     torch.manual_seed(0)

@@ -12,13 +12,13 @@ import train_ast
 import train_pat
 import training
 from cli import cli_main
-from kernels import bench as kernels_bench
-from kernels import pack as kernels_pack
+from kernels24 import bench as kernels_bench
+from kernels24 import pack as kernels_pack
 from model import ModelArgs, Transformer
 from tokenizer import GPT2_PATTERN, TiktokenTokenizer
 
 SCRIPTS = {"eval": eval_script, "sparsity": sparsity, "train_ast": train_ast, "train_pat": train_pat,
-           "kernels.pack": kernels_pack, "kernels.bench": kernels_bench}
+           "kernels24.pack": kernels_pack, "kernels24.bench": kernels_bench}
 
 
 def one_error_line(script, argv, capsys) -> str:
@@ -61,8 +61,8 @@ RANGE_CASES = [  # (script, argv, what the line must say)
     ("train_pat", ["--max-steps", "0"], "--max-steps 0: must be positive"),
     ("train_pat", ["--ppl-windows", "-1"], "--ppl-windows -1: must be 0 (all windows) or more"),
     ("train_pat", ["--ratio", "1"], "--ratio 1.0: must be in [0, 1)"),
-    ("kernels.pack", ["--ckpt", "x", "--out", "y", "--group-size", "0"], "--group-size 0: must be positive"),
-    ("kernels.bench", ["--runs", "0"], "--runs 0: must be positive"),
+    ("kernels24.pack", ["--ckpt", "x", "--out", "y", "--group-size", "0"], "--group-size 0: must be positive"),
+    ("kernels24.bench", ["--runs", "0"], "--runs 0: must be positive"),
 ]
 
 

@@ -130,7 +130,7 @@ def gpu_check_commands() -> list[tuple[str, list[str]]]:
     text = (ROOT / "bench" / "gpu_check.sh").read_text().replace("\\\n", " ")
     for name, value in re.findall(r'^(\w+_FLAGS)="([^"]*)"', text, flags=re.M):
         text = text.replace("$" + name, value)
-    scripts = r"(train_ast\.py|train_pat\.py|-m kernels\.bench|bench/bench_ast\.py|bench/gpu_check\.py)"
+    scripts = r"(train_ast\.py|train_pat\.py|-m kernels24\.bench|bench/bench_ast\.py|bench/gpu_check\.py)"
     commands = []
     for line in text.splitlines():
         if line.lstrip().startswith("#"):
@@ -148,8 +148,8 @@ def test_every_flag_the_gpu_check_uses_exists(monkeypatch):
     import train_ast
     import train_pat
     from cli import parse_config
-    from kernels import bench
-    configs = {"train_ast": train_ast.ASTArgs, "train_pat": train_pat.PATArgs, "kernels.bench": bench.BenchConfig}
+    from kernels24 import bench
+    configs = {"train_ast": train_ast.ASTArgs, "train_pat": train_pat.PATArgs, "kernels24.bench": bench.BenchConfig}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # --device cuda is checked against the GPU
     commands = gpu_check_commands()
     assert {s for s, _ in commands} == {*configs, "bench.bench_ast", "bench.gpu_check"}

@@ -1,4 +1,4 @@
-"""kernels/pack.py: the command that packs a 2:4 checkpoint (round trips through checkpoint.load, the file's
+"""kernels24/pack.py: the command that packs a 2:4 checkpoint (round trips through checkpoint.load, the file's
 byte arithmetic, CLI errors); runs on CPU with tiny models, plus the real SmolLM2-135M (slow)."""
 import copy
 import json
@@ -13,7 +13,7 @@ import packed
 import sparsity
 from checkpoint import load
 from cli import UserError
-from kernels import pack
+from kernels24 import pack
 from model import PROJECTIONS, ModelArgs, Transformer
 
 

@@ -2,7 +2,7 @@
 Run the 2:4 linears of a model on sparse tensor cores (CUDA, compute capability >= 8.0, fp16/bf16).
 
     model, tok = checkpoint.load(ckpt, device="cuda", dtype=torch.bfloat16)
-    kernels.sparse.to_sparse(model, backend="cutlass")   # or "cusparselt"
+    kernels24.sparse.to_sparse(model, backend="cutlass")   # or "cusparselt"
 
 Every nn.Linear whose weight is 2:4 sparse (at most 2 nonzeros in each group of 4 consecutive inputs) gets
 weight = SparseSemiStructuredTensorCUTLASS/CUSPARSELT.from_dense(weight); F.linear then dispatches to CUTLASS
@@ -46,7 +46,7 @@ def check_gpu(device: torch.device, backend: str, capability: tuple[int, int] | 
     device = torch.device(device)
     if device.type != "cuda":
         raise UserError(f"2:4 sparse kernels need a CUDA GPU (compute capability >= 8.0) and the model is on "
-                        f"{device.type}; load it with device='cuda', or use kernels.pack for compressed storage")
+                        f"{device.type}; load it with device='cuda', or use kernels24.pack for compressed storage")
     if capability is None:
         capability = torch.cuda.get_device_capability(device)
     if tuple(capability) < (8, 0):
@@ -91,7 +91,7 @@ def to_sparse(model: nn.Module, backend: str = "cutlass", log=print) -> list[str
     done = []
     for name, module, problem in plan(model, backend):
         if problem:
-            log(f"kernels.sparse: {name} stays dense: {problem}")
+            log(f"kernels24.sparse: {name} stays dense: {problem}")
             continue
         w = module.weight.detach().contiguous()
         # the backend's own constructor: to_sparse_semi_structured would read a global switch instead

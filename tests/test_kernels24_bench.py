@@ -1,9 +1,9 @@
-"""kernels/bench.py on CPU: its flags are checked, and --out made a directory, before it asks for a GPU, and
+"""kernels24/bench.py on CPU: its flags are checked, and --out made a directory, before it asks for a GPU, and
 without one it stops with one line. The numbers themselves need a GPU (README: owed)."""
 import pytest
 import torch
 
-from kernels import bench
+from kernels24 import bench
 
 
 def test_bench_needs_cuda(cli_error):

@@ -1,4 +1,4 @@
-"""kernels/sparse.py: which linears convert and why not (CPU), refusals of CPUs and old GPUs (CPU), and the
+"""kernels24/sparse.py: which linears convert and why not (CPU), refusals of CPUs and old GPUs (CPU), and the
 sparse tensor-core results against dense (GPU, compute capability >= 8.0; skipped here without one)."""
 import pytest
 import torch
@@ -6,8 +6,8 @@ import torch.nn.functional as F
 
 import sparsity
 from cli import UserError
-from kernels import bench, sparse
-from kernels.bench import LINEAR_SHAPES
+from kernels24 import bench, sparse
+from kernels24.bench import LINEAR_SHAPES
 from model import ModelArgs, Transformer
 
 
@@ -99,7 +99,7 @@ def test_to_sparse_model_matches_dense_gpu(backend):
         ref = m(x)
     lines = []
     done = sparse.to_sparse(m, backend=backend, log=lines.append)
-    assert len(done) == 2 * 7 and lines == ["kernels.sparse: output stays dense: not 2:4 sparse"]
+    assert len(done) == 2 * 7 and lines == ["kernels24.sparse: output stays dense: not 2:4 sparse"]
     assert isinstance(m.layers[0].attention.wq.weight, torch.sparse.SparseSemiStructuredTensor)
     with torch.no_grad():
         got = m(x)

@@ -4,10 +4,10 @@ their positions (pattern-coded by default, --positions 2bit for the older code),
 group-quantized values; every other file of the checkpoint is copied as it is. checkpoint.load() reads the
 result back. Works everywhere (CPU included).
 
-    python -m kernels.pack --ckpt DIR --out DIR2                      # exact: 2.083 bytes/weight in fp32
-    python -m kernels.pack --ckpt DIR --out DIR2 --dtype bfloat16     # all float tensors cast first
-    python -m kernels.pack --ckpt DIR --out DIR2 --bits 4 --group-size 128                   # round to nearest
-    python -m kernels.pack --ckpt DIR --out DIR2 --bits 4 --quantizer gptq --nsamples 128 --calib-len 2048
+    python -m kernels24.pack --ckpt DIR --out DIR2                      # exact: 2.083 bytes/weight in fp32
+    python -m kernels24.pack --ckpt DIR --out DIR2 --dtype bfloat16     # all float tensors cast first
+    python -m kernels24.pack --ckpt DIR --out DIR2 --bits 4 --group-size 128                   # round to nearest
+    python -m kernels24.pack --ckpt DIR --out DIR2 --bits 4 --quantizer gptq --nsamples 128 --calib-len 2048
 
 --quantizer gptq (obs.gptq: GPTQ, Frantar et al. 2022, on the kept entries; pruned ones stay exactly 0) loads
 the model, takes --nsamples C4 windows of --calib-len tokens (seed --seed) as sparsity.py does, and quantizes
@@ -73,7 +73,7 @@ def check_paths(cfg: PackConfig) -> tuple[Path, Path]:
         raise UserError("--out is required: the directory to write the packed checkpoint to")
     ckpt, out = checkpoint.resolve(cfg.ckpt), Path(cfg.out)  # a name or a path, as everywhere
     if not (ckpt / "model.safetensors").is_file():
-        raise UserError(f"--ckpt {cfg.ckpt}: no model.safetensors at {ckpt}; kernels.pack takes a 2:4 checkpoint "
+        raise UserError(f"--ckpt {cfg.ckpt}: no model.safetensors at {ckpt}; kernels24.pack takes a 2:4 checkpoint "
                         f"in our format: prune first (python sparsity.py --ckpt {cfg.ckpt} --sparsity 2:4 --out DIR)")
     if out.resolve() == ckpt.resolve():
         raise UserError("--out must differ from --ckpt")

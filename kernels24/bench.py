@@ -1,16 +1,16 @@
 """
 Where do 2:4 sparse tensor cores pay? Dense vs CUTLASS vs cuSPARSELt, measured in one run on one GPU.
 
-    python -m kernels.bench                      # everything below (needs a CUDA GPU, compute capability >= 8.0)
-    python -m kernels.bench --models ""          # per-linear table only
-    python -m kernels.bench --out out/kernels        # also writes out/kernels/kernels_bench.json
+    python -m kernels24.bench                      # everything below (needs a CUDA GPU, compute capability >= 8.0)
+    python -m kernels24.bench --models ""          # per-linear table only
+    python -m kernels24.bench --out out/kernels        # also writes out/kernels24/kernels_bench.json
 
 1. Per linear layer, at SmolLM2-135M and Llama-2-7B shapes (q/k/v/o, gate/up, down) and token counts
    1 ... 16384: y = F.linear(x, W) with W dense (already 2:4-masked) vs W = to_sparse_semi_structured(W)
    under each backend. Each run is timed alone with CUDA events after flushing L2 (a 256 MB write), so the
    weight comes from HBM as in a real model; we report the median of --runs runs and dense/sparse ratios
    (> 1: sparse is faster). Outputs are checked first against the dense masked matmul (relative error < 1e-2).
-2. Whole model, dense vs sparse (kernels.sparse.to_sparse): a magnitude-2:4 SmolLM2-135M (or --ckpt) and a
+2. Whole model, dense vs sparse (kernels24.sparse.to_sparse): a magnitude-2:4 SmolLM2-135M (or --ckpt) and a
    random-weight Llama-2-7B-shaped model (2:4 by magnitude; 13.5 GB in bf16). Prefill: one forward pass
    without KV cache over n tokens (batch n // 4096 of 4096 tokens when n > 4096). Decode: per-step latency of
    one token per sequence with the KV cache after a 128-token prompt, eager mode (no CUDA graphs / compile).
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import checkpoint
 import sparsity
 from cli import DTYPES, UserError, atomic_write, cli_main, flag, parse_config
-from kernels.sparse import BACKENDS, check_gpu, to_sparse
+from kernels24.sparse import BACKENDS, check_gpu, to_sparse
 from model import ModelArgs, Transformer
 
 LINEAR_SHAPES = {  # (out, in) of the 2:4 linears
@@ -286,7 +286,7 @@ def main(argv=None):
     check_flags(cfg)
     out = output_dir(cfg.out)
     if not torch.cuda.is_available():
-        raise UserError(f"kernels.bench needs a CUDA GPU with compute capability >= 8.0 and torch "
+        raise UserError(f"kernels24.bench needs a CUDA GPU with compute capability >= 8.0 and torch "
                         f"{torch.__version__} sees none; run it on a GPU machine")
     dtype = DTYPES[cfg.dtype]
     check_gpu(torch.device("cuda"), "cutlass")  # compute capability >= 8.0, else one line and exit
