@@ -3,7 +3,7 @@ code, `torchrun ... X.py` included) names a script or project module that exists
 --help lists, and every relative link resolves, #anchors included. A renamed flag then fails here, not a reader.
 
 Each script's --help runs once, in its own process, as `python X.py --help` would run it: one helper process imports
-torch, then forks a child per script that runs the script as __main__ (runpy) with argv [X.py, --help], so the suite
+torch, then forks a child per script (all at once) that runs the script as __main__ (runpy) with argv [X.py, --help], so the suite
 pays for importing torch once instead of once per script. A script with subcommands (`X.py sub ...`) is asked
 `X.py sub --help` for the subcommands the docs use. Comment lines under a command in a code block (`#   --flag ...`)
 list more flags of that command and are checked too.
@@ -124,7 +124,7 @@ COMMANDS = all_commands()
 HELP_RUNNER = r"""
 import json, os, runpy, sys, tempfile, traceback
 import torch  # noqa: F401  imported once here; every forked child reuses it
-root, results = sys.argv[1], {}
+root, children, results = sys.argv[1], [], {}
 for key, argv in json.loads(sys.argv[2]):
     out = tempfile.TemporaryFile()
     pid = os.fork()
@@ -148,6 +148,8 @@ for key, argv in json.loads(sys.argv[2]):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+    children.append((key, pid, out))
+for key, pid, out in children:  # all children run at once: --help does no work, so this is cheap
     status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
     out.seek(0)
     results[key] = [status, out.read().decode("utf-8", "replace")]
