@@ -62,6 +62,7 @@ SHAPES = {
                         norm_eps=1e-5, rope_theta=500000.0, max_seq_len=131072, tie_embeddings=True,
                         rope_scaling=dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                           original_max_position_embeddings=8192)),
+    "llama2-7b": {},  # ModelArgs' defaults (the README's 7B table: --formula-only --world-size 8 --batch-size 2 ...)
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=49152, hidden_dim=192, norm_eps=1e-5,
                  rope_theta=10000.0, max_seq_len=1024, tie_embeddings=True),  # the CPU rehearsal's
 }
@@ -318,8 +319,19 @@ def one_process_group(device):
     return training.setup_distributed(device)[3]
 
 
+def print_formula(formula: dict, title: str):
+    print(f"| item ({title}) | GiB |\n|---|---|")
+    for item, b in formula.items():
+        print(f"| {item} | {b / 2**30:.2f} |")
+    print(f"| **formula total** | **{sum(formula.values()) / 2**30:.2f}** |")
+
+
 def memory(a):
     """train_ast's training step, set up as train_ast.main sets it up for --fsdp --activation-checkpointing."""
+    if a.formula_only:
+        print_formula(memory_formula(ModelArgs(**SHAPES[a.shape]), a.world_size, a.batch_size, a.seq_len,
+                                     a.grad_accum), f"README formula, {a.shape}, world size {a.world_size}")
+        return result(True, "formula only")
     device = one_process_group(a.device)
     dtype = training.autocast_dtype("auto", device)
     margs = ModelArgs(**SHAPES[a.shape])
@@ -362,10 +374,7 @@ def memory(a):
     print(f"{a.shape}: {n / 1e9:.3f}B parameters, 1 process, FSDP, {str(dtype).removeprefix('torch.')}, "
           f"activation checkpointing, chunked loss; {a.steps} steps of {a.grad_accum} x {a.batch_size} x "
           f"{a.seq_len} tokens in {seconds:.1f} s, last loss {parts['loss']:.3f}\n")
-    print("| item (README formula, world size 1) | GiB |\n|---|---|")
-    for item, b in formula.items():
-        print(f"| {item} | {gb(b):.2f} |")
-    print(f"| **formula total** | **{gb(sum(formula.values())):.2f}** |")
+    print_formula(formula, "README formula, world size 1")
     for item, b in measured.items():
         print(f"| measured: torch.cuda.memory_allocated {item} | {gb(b):.2f} |" if device.type == "cuda" else
               f"| measured {item} | n/a on CPU |")
@@ -438,6 +447,8 @@ def main():
     s.add_argument("--seq-len", type=int, default=2048)
     s.add_argument("--grad-accum", type=int, default=2)
     s.add_argument("--steps", type=int, default=3)
+    s.add_argument("--world-size", type=int, default=1, help="GPUs (--formula-only; the run is one process)")
+    s.add_argument("--formula-only", action="store_true", help="print the formula for the shape, run nothing")
     s = sub.add_parser("stop-after")
     s.add_argument("steps", type=int, help="the signal comes after this many steps")
     s.add_argument("signal", help="its name, e.g. SIGTERM (positional: torchrun reads --options before the script's)")

@@ -145,6 +145,7 @@ export -f fsdp_run step_env step_stage step_tests step_sparse step_ast step_fsdp
     step_kernels step_bench_ast step_pat
 
 mkdir -p "$RESULTS" "$WORK" || exit 1
+RESULTS=$(cd "$RESULTS" && pwd)
 MD=$RESULTS/gpu_check.md ARCHIVE=$RESULTS/gpu_check_logs.tar.gz
 SCALE=${GPU_CHECK_LIMIT_SCALE:-1}  # every limit times this: for a rehearsal on a slow or shared CPU only
 BUDGET=${GPU_CHECK_BUDGET:-$(echo "$STEPS" | awk -v k="$SCALE" '{s += $2 * k} END {print s}')}
@@ -175,7 +176,7 @@ write_results() {  # the whole results file and the archive, rewritten (atomical
             echo
         done <<< "$STEPS"
     } > "$MD.tmp" && mv "$MD.tmp" "$MD"
-    (cd "$WORK" && tar czf "$ROOT/$ARCHIVE.tmp" --ignore-failed-read ./*.log ./*.out kernels/*.json 2>/dev/null)
+    (cd "$WORK" && tar czf "$ARCHIVE.tmp" --ignore-failed-read ./*.log ./*.out kernels/*.json 2>/dev/null)
     mv "$ARCHIVE.tmp" "$ARCHIVE" 2>/dev/null
 }
 
@@ -202,8 +203,8 @@ run_step() {  # run_step NAME LIMIT GRACE NEEDS TITLE: step_NAME under timeout, 
         esac
     fi
     ROW[$name]="| $title | $status | ${seconds:--} | $limit |"
+    write_results  # before the status line: whoever reads that line finds the row written
     echo "gpu_check: $name: $status${seconds:+ (${seconds} s)}"
-    write_results
 }
 
 write_results

@@ -38,3 +38,24 @@ def test_bench_flags(cli_error, capsys):
     with pytest.raises(SystemExit) as e:  # not a choice: argparse's usage error, exit 2
         bench.main(["--dtype", "float32"])
     assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_logits_check_and_wrong_results():
+    """Teacher-forced logits pass with rounding noise that turns some argmaxes (and so a greedy path), fail when
+    they are noise; every wrong result or failing backend is listed, and main() then exits 1."""
+    torch.manual_seed(0)
+    ref = torch.randn(2, 128, 512)
+    rounded = ref + 0.013 * ref.norm() / ref.numel() ** 0.5 * torch.randn_like(ref)  # 1.3e-2 relative, as measured
+    rel, same, passed = bench.logits_check(rounded, ref)
+    assert passed and 1e-2 < rel < 2e-2 and 0.9 <= same < 1.0
+    assert not bench.logits_check(torch.randn_like(ref), ref)[2]
+    assert not bench.logits_check(ref.roll(1, dims=-1), ref)[2]  # small error per value is not enough: same argmax
+    ok = {"model": "smollm2-135m", "cutlass_logits_ok": True, "cutlass_logits_rel_err": rel,
+          "cutlass_argmax_agreement": same, "cutlass": {"prefill_128_ms": 1.0}}
+    assert bench.failures({}, [ok], ["cutlass", "cusparselt"]) == []
+    wrong = dict(ok, cutlass_logits_ok=False)
+    broken = {"cusparselt": "RuntimeError: wrong result: relative error 1.0e+00 vs the dense masked matmul"}
+    found = bench.failures(broken, [wrong, {"model": "llama2-7b-random", "cusparselt": "RuntimeError: boom"}],
+                           ["cutlass", "cusparselt"])
+    assert len(found) == 3 and found[0].startswith("per-linear cusparselt: RuntimeError: wrong result")
+    assert "smollm2-135m with cutlass: wrong logits" in found[1] and found[2].endswith("RuntimeError: boom")
