@@ -49,7 +49,9 @@ def test_logits_check_and_wrong_results():
     rel, same, passed = bench.logits_check(rounded, ref)
     assert passed and 1e-2 < rel < 2e-2 and 0.9 <= same < 1.0
     assert not bench.logits_check(torch.randn_like(ref), ref)[2]
-    assert not bench.logits_check(ref.roll(1, dims=-1), ref)[2]  # small error per value is not enough: same argmax
+    flat = 10 + 0.01 * torch.randn_like(ref)  # a small relative error is not enough: the argmaxes must agree too
+    rel, same, passed = bench.logits_check(10 + 0.01 * torch.randn_like(ref), flat)
+    assert rel < bench.MAX_LOGITS_REL_ERR and same < 0.1 and not passed
     ok = {"model": "smollm2-135m", "cutlass_logits_ok": True, "cutlass_logits_rel_err": rel,
           "cutlass_argmax_agreement": same, "cutlass": {"prefill_128_ms": 1.0}}
     assert bench.failures({}, [ok], ["cutlass", "cusparselt"]) == []
@@ -59,3 +61,16 @@ def test_logits_check_and_wrong_results():
                            ["cutlass", "cusparselt"])
     assert len(found) == 3 and found[0].startswith("per-linear cusparselt: RuntimeError: wrong result")
     assert "smollm2-135m with cutlass: wrong logits" in found[1] and found[2].endswith("RuntimeError: boom")
+
+
+def test_bench_exits_1_on_a_wrong_result(tmp_path, monkeypatch, cli_error):
+    """The tables and --out are written, then a wrong result ends the run with status 1 (the GPU check's FAIL)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench, "check_gpu", lambda device, backend: None)
+    monkeypatch.setattr(bench, "environment", lambda: {})
+    monkeypatch.setattr(bench, "Timer", lambda: None)
+    monkeypatch.setattr(bench, "bench_linears", lambda *a: ([], {"cutlass": "RuntimeError: wrong result: 1e+00"}))
+    monkeypatch.setattr(bench, "bench_models", lambda *a: [])
+    err = cli_error(lambda: bench.main(["--out", str(tmp_path), "--backends", "cutlass"]))
+    assert err.startswith("error: 1 wrong result(s) or failing backend(s): per-linear cutlass: RuntimeError: wrong")
+    assert (tmp_path / bench.OUT_FILE).exists()
