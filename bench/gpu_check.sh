@@ -12,9 +12,9 @@
 # steps run on random weights in SmolLM2's shape and say so. After every step RESULTS_DIR/gpu_check.md is rewritten
 # (environment, one row per step, each log's tail) and RESULTS_DIR/gpu_check_logs.tar.gz holds every log: a call
 # cut short still returns what it did. Each step runs under `timeout` with its limit, never past the budget
-# (GPU_CHECK_BUDGET, default the sum of the limits; GPU_CHECK_LIMIT_SCALE=k multiplies both, for a slow CPU's
-# rehearsal); steps that prove most come first. Work files go to
-# GPU_CHECK_WORK (default /tmp/gpu_check). docs/gpu_check.md says what each step proves.
+# (GPU_CHECK_BUDGET, default the sum of the limits; GPU_CHECK_LIMIT_SCALE=k multiplies both, for a rehearsal on a
+# slow CPU); steps that prove most come first. Work files go to GPU_CHECK_WORK (default /tmp/gpu_check).
+# docs/gpu_check.md says what each step proves and what passes.
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$PWD
