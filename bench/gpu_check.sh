@@ -1,147 +1,215 @@
 #!/usr/bin/env bash
-# One GPU check of everything that needs a GPU, on one H100/H200 in at most 8 minutes, into one results file:
+# One GPU check of everything that needs a GPU, on one H100/H200 in at most 330 s of steps, rehearsed on CPU:
 #
-#   bash bench/gpu_check.sh [RESULTS_DIR]     # default: $OUT if set, else out/gpu_check; writes RESULTS_DIR/gpu_check.md
-#   bash bench/gpu_check.sh --stage           # here, before: copy what the check reads into cache/gpu_stage
+#   bash bench/gpu_check.sh --stage           # here, before: what the steps read into cache/gpu_stage (carry it)
+#   bash bench/gpu_check.sh [RESULTS_DIR]     # on the GPU; default RESULTS_DIR: $OUT if set, else out/gpu_check
+#   bash bench/gpu_check.sh --rehearse DIR    # the same steps on CPU with tiny shapes (CUDA-only steps: skipped)
+#   bash bench/gpu_check.sh --list            # the steps: name, limit s, kill grace s, needs, title
+#   GPU_CHECK_STEPS=memory,kernels bash bench/gpu_check.sh   # a subset, e.g. a second call
 #
-# Stage first: the GPU box may be offline. --stage copies WikiText-2's test split, two text files, LaMini and
-# SmolLM2's tokenizer into cache/gpu_stage (about 8 MB, git-ignored: carry it). SmolLM2's weights (538 MB)
-# are used from the cache ($SPARSELLAMA_CACHE, default ~/.cache/sparsellama) when they are there, else the checks run
-# on random weights in its shape and say so. Each step runs under `timeout` with its own limit and never past the
-# whole budget (GPU_CHECK_BUDGET, 480 s); a step the budget can't start is listed as not run. Runs and logs go to
-# GPU_CHECK_WORK (default /tmp/gpu_check); only gpu_check.md goes to RESULTS_DIR. CI can't run this (no GPU):
-# tests/test_training.py checks that every flag used below exists.
-#
-# Steps (limit in s): env 20 | stage 60 | GPU tests 90 | AST bf16 100 | eval CUDA vs CPU 60 | to_sparse 60 |
-# SDPA backends 40 | FSDP 1 process + resume 150 | PAT 75 | kernels24.bench 120 | bench_ast 60.
+# --stage fails on any missing file, stamps the commit (the tree that travels has no .git) and stages only what a
+# step reads: WikiText-2's test split, two text files, SmolLM2's tokenizer. The weights stay behind (538 MB): the
+# steps run on random weights in SmolLM2's shape and say so. After every step RESULTS_DIR/gpu_check.md is rewritten
+# (environment, one row per step, each log's tail) and RESULTS_DIR/gpu_check_logs.tar.gz holds every log: a call
+# cut short still returns what it did. Each step runs under `timeout` with its limit, never past the budget
+# (GPU_CHECK_BUDGET, default the sum of the limits; GPU_CHECK_LIMIT_SCALE=k multiplies both, for a rehearsal on a
+# slow CPU); steps that prove most come first. Work files go to GPU_CHECK_WORK (default /tmp/gpu_check).
+# docs/gpu_check.md says what each step proves and what passes.
 set -u
 cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD"
-python() { command "${PYTHON:-python3}" "$@"; }  # the GPU image's Python is python3
-export -f python
-
-if [ "${1:-}" = "--stage" ]; then
-    src=${DATA_DIR:-../shared/data} d=cache/gpu_stage
-    mkdir -p $d/data/wikitext-2-raw $d/data/text $d/data/instruct $d/tokenizer
-    cp "$src/wikitext-2-raw/wiki.test.raw" $d/data/wikitext-2-raw/
-    cp "$src/text/tinyshakespeare.txt" "$src/text/redpajama-wiki1.jsonl" $d/data/text/
-    cp "$src/instruct/lamini-10k.jsonl" $d/data/instruct/
-    python -c "import checkpoint; checkpoint.load('smollm2-135m', tokenizer=False)"  # fills the cache (network)
-    conv="${SPARSELLAMA_CACHE:-$HOME/.cache/sparsellama}/smollm2-135m/converted"
-    cp "$conv"/params.json "$conv"/tokenizer.tiktoken "$conv"/tokenizer_config.json $d/tokenizer/
-    du -sh $d
-    echo "staged: carry $d (SmolLM2's weights stay in $conv: too big to carry)"
-    exit 0
-fi
-
-RESULTS=${1:-${OUT:-out/gpu_check}}
-WORK=${GPU_CHECK_WORK:-/tmp/gpu_check}
-BUDGET=${GPU_CHECK_BUDGET:-480}
-DATA=${DATA_DIR:-$(for d in cache/gpu_stage/data data ../shared/data; do [ -d $d ] && echo $d && break; done)}
-CKPT=$WORK/model
-mkdir -p "$RESULTS" "$WORK"
-MD=$RESULTS/gpu_check.md
-START=$(date +%s)
-SUMMARY=()
-NOT_RUN=()
-export WORK DATA CKPT
-# the short AST run: SmolLM2 in bf16, 20 steps of 8 x 512 tokens, masks every 5 steps, eval and checkpoint at 10
-AST_FLAGS="--ckpt $CKPT --data-dir $DATA --device cuda --autocast bfloat16 --max-steps 20 --batch-size 8 \
---seq-len 512 --warmup-steps 2 --lr 1e-4 --mask-interval 5 --eval-interval 10 --ckpt-interval 10 --ppl-windows 8 \
---ppl-seq-len 512 --log-interval 5 --overwrite"
-FSDP_FLAGS="--ckpt $CKPT --data-dir $DATA --device cuda --fsdp --max-steps 6 --batch-size 4 --seq-len 256 \
---warmup-steps 1 --lr 1e-4 --mask-interval 2 --eval-interval 3 --ckpt-interval 3 --ppl-windows 4 --ppl-seq-len 256 \
---log-interval 1 --grad-accum 2 --overwrite"
-export AST_FLAGS FSDP_FLAGS
-
-step_env() { python bench/gpu_check.py env; }
-step_stage() {
-    python bench/gpu_check.py stage --out "$CKPT" --tokenizer cache/gpu_stage/tokenizer || return 1
-    [ -f "$DATA/wikitext-2-raw/wiki.test.raw" ] || { echo "no WikiText-2 under $DATA: run --stage first"; return 1; }
+ROOT=$PWD
+export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # prepended: a carried wheel's dir stays
+python() {  # the GPU image's Python is python3; GPU_CHECK_DRY_RUN=FILE only records each command line in FILE
+    if [ -n "${GPU_CHECK_DRY_RUN:-}" ]; then printf '%q ' "$@" >> "$GPU_CHECK_DRY_RUN"; echo >> "$GPU_CHECK_DRY_RUN"; return 0; fi
+    command "${PYTHON:-python3}" "$@"
 }
-step_tests() { python -m pytest -m "not slow" -q -rs -k gpu -p no:cacheprovider tests; }
-step_ast() { python train_ast.py $AST_FLAGS --out "$WORK/ast"; }
-ast_model() { [ -f "$WORK/ast/final/model.safetensors" ] && echo "$WORK/ast/final" || echo "$CKPT"; }  # AST's, else the base
-step_eval() { python bench/gpu_check.py eval --ckpt "$(ast_model)" --data-dir "$DATA" --windows 8 --seq-len 512; }
-step_sparse() { python bench/gpu_check.py sparse --ckpt "$(ast_model)" --prompt 8 --new-tokens 32; }
-step_sdpa() { python bench/gpu_check.py sdpa --ckpt "$(ast_model)"; }
+export -f python
+STAGE=${GPU_CHECK_STAGE:-cache/gpu_stage}
+STAGED_FILES="data/wikitext-2-raw/wiki.test.raw data/text/tinyshakespeare.txt data/text/redpajama-wiki1.jsonl"
+TOKENIZER_FILES="params.json tokenizer.tiktoken tokenizer_config.json"
+
+# name limit(s) kill-grace(s) needs title; most proof first. fsdp's grace outlasts torchrun's own 30 s for its
+# workers (they run in their own session: killing the agent early leaves them holding the GPU).
+STEPS="env 45 10 any environment: GPU, driver, torch, CUDA, cuDNN, cuSPARSELt, NCCL
+stage 15 10 any the model the steps run (random weights in SmolLM2's shape)
+tests 25 10 cuda GPU tests: the 2:4 kernels against dense
+sparse 20 10 cuda kernels24.sparse.to_sparse: teacher-forced logits vs dense per backend
+ast 35 10 any AST on SmolLM2's shape, bf16, 20 steps: masks, eval, checkpoint, export
+fsdp 55 45 any FSDP, 1 process: run; SIGTERM after step 4; resume at step 4; equal to the uninterrupted run
+memory 30 10 any memory: AST under FSDP on a Llama-3.2-1B shape vs the README's formula
+eval 20 10 any eval: CUDA fp32 / bf16 vs CPU fp32 on WikiText-2
+sdpa 15 10 any SDPA backend per attention path, by aten op; prefill must not fall back to math
+kernels 30 10 cuda kernels24.bench: per-linear (SmolLM2 + 7B linears) and SmolLM2 whole model
+bench_ast 20 10 any bench_ast: AST vs dense step time and peak memory
+pat 20 10 any PAT, 12 steps, no LoRA baseline"
+
+stage() {
+    local src=${DATA_DIR:-../shared/data} tmp="$STAGE.tmp" conv f kb
+    for f in $STAGED_FILES; do
+        [ -f "$src/${f#data/}" ] || { echo "error: --stage: $src/${f#data/} is missing; set DATA_DIR to the data folder (README 'Data')" >&2; return 1; }
+    done
+    python -c "import checkpoint; checkpoint.load('smollm2-135m', tokenizer=False)" > /dev/null \
+        || { echo "error: --stage: SmolLM2-135M could not be fetched or converted (see above)" >&2; return 1; }
+    conv="${SPARSELLAMA_CACHE:-$HOME/.cache/sparsellama}/smollm2-135m/converted"
+    for f in $TOKENIZER_FILES; do
+        [ -f "$conv/$f" ] || { echo "error: --stage: $conv/$f is missing; delete $conv and stage again" >&2; return 1; }
+    done
+    rm -rf "$tmp" && mkdir -p "$tmp/tokenizer" || return 1
+    for f in $STAGED_FILES; do
+        mkdir -p "$tmp/$(dirname "$f")" && cp "$src/${f#data/}" "$tmp/$f" || { echo "error: --stage: cannot copy $src/${f#data/}" >&2; return 1; }
+    done
+    for f in $TOKENIZER_FILES; do cp "$conv/$f" "$tmp/tokenizer/" || { echo "error: --stage: cannot copy $conv/$f" >&2; return 1; }; done
+    { git rev-parse --short HEAD && git diff --quiet HEAD || echo "+ local changes"; } 2>/dev/null | paste -sd' ' > "$tmp/COMMIT"
+    [ -s "$tmp/COMMIT" ] || { echo "error: --stage: not a git checkout, no commit to stamp" >&2; return 1; }
+    rm -rf "$STAGE" && mv "$tmp" "$STAGE" || return 1
+    kb=$(( $(du -sk "$STAGE" | cut -f1) + $(git ls-files -z | xargs -0 du -ck 2>/dev/null | tail -n1 | cut -f1) ))
+    [ "$kb" -le 20480 ] || { echo "error: --stage: the stage and the repository take ${kb} KB, over 20 MB" >&2; return 1; }
+    echo "staged $STAGE (commit $(cat "$STAGE/COMMIT")); stage + repository ${kb} KB; carry $STAGE"
+}
+
+case "${1:-}" in
+    --stage) stage; exit $? ;;
+    --list) echo "$STEPS"; exit 0 ;;
+    --rehearse) REHEARSE=1 RESULTS=${2:?--rehearse needs a results folder} ;;
+    -*) echo "error: unknown option $1; use --stage, --rehearse DIR, --list or a results folder" >&2; exit 1 ;;
+    *) REHEARSE=0 RESULTS=${1:-${OUT:-out/gpu_check}} ;;
+esac
+if [ ! -f "$STAGE/COMMIT" ] || [ ! -f "$STAGE/data/wikitext-2-raw/wiki.test.raw" ]; then
+    echo "error: no staged data in $STAGE: run 'bash bench/gpu_check.sh --stage' where ../shared/data is, and carry $STAGE" >&2
+    exit 1
+fi
+WORK=${GPU_CHECK_WORK:-/tmp/gpu_check}
+DATA=$STAGE/data TOKENIZER=$STAGE/tokenizer CKPT=$WORK/model
+if [ "$REHEARSE" = 1 ]; then  # CPU, tiny shapes: the same commands, smaller numbers
+    DEVICE=cpu AUTOCAST=float32 SHAPE=tiny MEMORY_SHAPE=tiny B=2 T=64 AST_STEPS=6 FSDP_B=2 FSDP_T=32 MEM_B=1 MEM_T=32
+    PPL_T=64 PAT_STEPS=3 BENCH_T=32
+else
+    DEVICE=cuda AUTOCAST=bfloat16 SHAPE=smollm2 MEMORY_SHAPE=llama3.2-1b B=8 T=512 AST_STEPS=20 FSDP_B=4 FSDP_T=256
+    MEM_B=2 MEM_T=2048 PPL_T=512 PAT_STEPS=12 BENCH_T=512
+fi
+export WORK DATA TOKENIZER CKPT DEVICE AUTOCAST SHAPE MEMORY_SHAPE B T AST_STEPS FSDP_B FSDP_T MEM_B MEM_T PPL_T PAT_STEPS BENCH_T
+
+step_env() { python bench/gpu_check.py env --device "$DEVICE"; }
+step_stage() { python bench/gpu_check.py stage --out "$CKPT" --tokenizer "$TOKENIZER" --shape "$SHAPE"; }
+step_tests() { python -m pytest -q -rs -p no:cacheprovider tests/test_kernels24_sparse.py; }
+step_sparse() { python bench/gpu_check.py sparse --ckpt "$CKPT" --prompt 8 --new-tokens 32; }
+step_ast() {
+    python train_ast.py --ckpt "$CKPT" --data-dir "$DATA" --out "$WORK/ast" --overwrite --device "$DEVICE" \
+        --autocast "$AUTOCAST" --max-steps "$AST_STEPS" --batch-size "$B" --seq-len "$T" --warmup-steps 2 --lr 1e-4 \
+        --mask-interval 5 --eval-interval 10 --ckpt-interval 10 --ppl-windows 4 --ppl-seq-len "$PPL_T" --log-interval 5
+}
+fsdp_run() {  # fsdp_run OUT [torchrun's script and its first arguments]: one torchrun process, the same flags each time
+    local out=$1 && shift
+    python -m torch.distributed.run --nproc_per_node 1 --master_port "${GPU_CHECK_PORT:-29651}" "${@:-train_ast.py}" \
+        --ckpt "$CKPT" --data-dir "$DATA" --out "$out" --device "$DEVICE" --autocast "$AUTOCAST" --fsdp --max-steps 6 \
+        --batch-size "$FSDP_B" --seq-len "$FSDP_T" --grad-accum 2 --warmup-steps 1 --lr 1e-4 --mask-interval 2 \
+        --eval-interval 3 --ckpt-interval 3 --ppl-windows 2 --ppl-seq-len "$FSDP_T" --log-interval 1
+}
 step_fsdp() {
-    hook=$WORK/hook && mkdir -p "$hook"
-    printf '%s\n' "import os, signal, training" "real, calls = training.StopRequest.requested, []" \
-        "def requested(self, device):" "    calls.append(1)" \
-        "    if len(calls) == 4: os.kill(os.getpid(), signal.SIGTERM)" "    return real(self, device)" \
-        "training.StopRequest.requested = requested" > "$hook/sitecustomize.py"
-    python -m torch.distributed.run --nproc_per_node 1 --master_port 29651 train_ast.py $FSDP_FLAGS --out "$WORK/fsdp_calm" || return 1
-    PYTHONPATH="$hook:$PWD" python -m torch.distributed.run --nproc_per_node 1 --master_port 29652 train_ast.py $FSDP_FLAGS \
-        --out "$WORK/fsdp_resumed" && { echo "the SIGTERM after step 4 did not stop the run"; return 1; }
-    python -m torch.distributed.run --nproc_per_node 1 --master_port 29653 train_ast.py $FSDP_FLAGS --out "$WORK/fsdp_resumed" --resume \
-        || return 1
+    local rc
+    rm -rf "$WORK/fsdp_calm" "$WORK/fsdp_resumed"
+    fsdp_run "$WORK/fsdp_calm" || { echo "result: FAIL: the uninterrupted run failed"; return 1; }
+    fsdp_run "$WORK/fsdp_resumed" bench/gpu_check.py stop-after 4 "${GPU_CHECK_STOP_SIGNAL:-SIGTERM}" \
+        train_ast.py 2>&1 | tee "$WORK/fsdp_stopped.out"
+    rc=${PIPESTATUS[0]}
+    [ "$rc" -ne 0 ] || { echo "result: FAIL: the SIGTERM after step 4 did not stop the run"; return 1; }
+    grep -q "stopped by SIGTERM after step 4; " "$WORK/fsdp_stopped.out" \
+        || { echo "result: FAIL: exit $rc without 'stopped by SIGTERM after step 4': a crash, not the stop"; return 1; }
+    fsdp_run "$WORK/fsdp_resumed" train_ast.py --resume 2>&1 | tee "$WORK/fsdp_resume.out"
+    rc=${PIPESTATUS[0]}
+    [ "$rc" -eq 0 ] || { echo "result: FAIL: the resumed run failed (exit $rc)"; return 1; }
+    grep -qE "^resuming from .*/fsdp_resumed/state\.pt at step 4\$" "$WORK/fsdp_resume.out" \
+        || { echo "result: FAIL: no 'resuming from .../state.pt at step 4': it did not start where the stop left it"; return 1; }
     python bench/gpu_check.py compare "$WORK/fsdp_calm" "$WORK/fsdp_resumed"
 }
-step_pat() {
-    python train_pat.py --ckpt "$CKPT" --data-dir "$DATA" --out "$WORK/pat" --overwrite --device cuda \
-        --autocast bfloat16 --max-steps 12 --batch-size 8 --seq-len 256 --ppl-windows 4 --ppl-seq-len 512 --log-interval 4
+step_memory() {
+    python bench/gpu_check.py memory --shape "$MEMORY_SHAPE" --device "$DEVICE" --batch-size "$MEM_B" --seq-len "$MEM_T" \
+        --grad-accum 2 --steps 3
 }
+step_eval() { python bench/gpu_check.py eval --ckpt "$CKPT" --device "$DEVICE" --data-dir "$DATA" --windows 8 --seq-len "$PPL_T"; }
+step_sdpa() { python bench/gpu_check.py sdpa --ckpt "$CKPT" --device "$DEVICE"; }
 step_kernels() {
-    python -m kernels24.bench --smollm2 "$CKPT" --tokens 16,128,4096 --runs 20 --model-runs 3 \
-        --models smollm2-135m,llama2-7b-random --prefill 128,4096 --decode-batch 1,16 --decode-steps 8 --out "$WORK/kernels"
+    python -m kernels24.bench --smollm2 "$CKPT" --tokens 16,128,4096 --runs 10 --model-runs 3 --models smollm2-135m \
+        --prefill 128,4096 --decode-batch 1,16 --decode-steps 8 --out "$WORK/kernels"
 }
-step_bench_ast() { python bench/bench_ast.py --ckpt "$CKPT" --steps 5 --warmup 1 --mask-interval 5 --batch-size 4 --seq-len 512; }
-export -f ast_model step_env step_stage step_tests step_ast step_eval step_sparse step_sdpa step_fsdp step_pat step_kernels \
-    step_bench_ast
+step_bench_ast() {
+    python bench/bench_ast.py --ckpt "$CKPT" --device "$DEVICE" --autocast "$AUTOCAST" --steps 3 --warmup 1 \
+        --mask-interval 3 --batch-size 4 --seq-len "$BENCH_T"
+}
+step_pat() {
+    python train_pat.py --ckpt "$CKPT" --data-dir "$DATA" --out "$WORK/pat" --overwrite --device "$DEVICE" \
+        --autocast "$AUTOCAST" --max-steps "$PAT_STEPS" --batch-size "$B" --seq-len 256 --ppl-windows 4 \
+        --ppl-seq-len "$PPL_T" --log-interval 4 --baseline none
+}
+export -f fsdp_run step_env step_stage step_tests step_sparse step_ast step_fsdp step_memory step_eval step_sdpa \
+    step_kernels step_bench_ast step_pat
 
-run() {  # run NAME LIMIT TITLE: step_NAME under timeout, capped by what is left of the budget
-    local name=$1 limit=$2 title=$3 left t0 rc status seconds
-    left=$((BUDGET - ($(date +%s) - START)))
-    if [ "$left" -lt 20 ]; then
-        NOT_RUN+=("$title")
-        SUMMARY+=("| $title | not run: ${left}s of the ${BUDGET}s budget left | - |")
-        return
-    fi
-    [ "$limit" -gt "$left" ] && limit=$left
-    t0=$(date +%s)
-    timeout -k 10 "$limit" bash -c "step_$name" > "$WORK/$name.log" 2>&1
-    rc=$?
-    seconds=$(($(date +%s) - t0))
-    case $rc in 0) status=ok ;; 124 | 137) status="TIMEOUT after ${limit}s" ;; *) status="FAIL (exit $rc)" ;; esac
-    SUMMARY+=("| $title | $status | $seconds |")
+mkdir -p "$RESULTS" "$WORK" || exit 1
+RESULTS=$(cd "$RESULTS" && pwd)
+MD=$RESULTS/gpu_check.md ARCHIVE=$RESULTS/gpu_check_logs.tar.gz
+SCALE=${GPU_CHECK_LIMIT_SCALE:-1}  # every limit times this: for a rehearsal on a slow or shared CPU only
+BUDGET=${GPU_CHECK_BUDGET:-$(echo "$STEPS" | awk -v k="$SCALE" '{s += $2 * k} END {print s}')}
+START=$(date +%s)
+declare -A ROW
+rm -f "$WORK"/*.log
+
+write_results() {  # the whole results file and the archive, rewritten (atomically) after every step
+    local name limit grace needs title
     {
-        echo "### $title: $status, ${seconds}s"
+        echo "# GPU check$([ "$REHEARSE" = 1 ] && echo ': CPU rehearsal') ($(date -u +%Y-%m-%dT%H:%MZ), $(($(date +%s) - START)) s of a ${BUDGET} s budget)"
         echo
-        if grep -q '^|' "$WORK/$name.log" || grep -q '^- ' "$WORK/$name.log"; then  # a helper's Markdown
-            grep -E '^(\||- |[A-Za-z`].*:)' "$WORK/$name.log" | grep -v -E 'Warning|warn\(' | tail -n 40
-        else
-            echo '```'
-            grep -v -E 'Warning|warnings.warn|^\s*$' "$WORK/$name.log" | tr '\r' '\n' | tail -n 25
-            echo '```'
-        fi
+        echo "Commit $(cat "$STAGE/COMMIT") (stamped by --stage); \`bash bench/gpu_check.sh$([ "$REHEARSE" = 1 ] && echo " --rehearse $RESULTS")\`${GPU_CHECK_STEPS:+, GPU_CHECK_STEPS=$GPU_CHECK_STEPS}."
         echo
-    } >> "$WORK/details.md"
+        echo "| step | result | seconds | limit |"
+        echo "|---|---|---|---|"
+        while read -r name limit grace needs title; do
+            echo "${ROW[$name]:-| $title | not run yet | - | $((limit * SCALE)) |}"
+        done <<< "$STEPS"
+        echo
+        while read -r name limit grace needs title; do
+            [ -f "$WORK/$name.log" ] || continue
+            echo "### $name: $title"
+            echo
+            echo '```text'
+            tr '\r' '\n' < "$WORK/$name.log" | grep -v '^\s*$' | tail -n 40  # verbatim: tracebacks and errors stay
+            echo '```'
+            echo
+        done <<< "$STEPS"
+    } > "$MD.tmp" && mv "$MD.tmp" "$MD"
+    (cd "$WORK" && tar czf "$ARCHIVE.tmp" --ignore-failed-read ./*.log ./*.out kernels/*.json 2>/dev/null)
+    mv "$ARCHIVE.tmp" "$ARCHIVE" 2>/dev/null
 }
 
-: > "$WORK/details.md"
-run env 20 "environment"
-run stage 60 "stage the model and data"
-run tests 90 "GPU tests (pytest -m 'not slow' -k gpu)"
-run ast 100 "AST on SmolLM2, bf16, 20 steps"
-run eval 60 "eval: CUDA fp32 / bf16 vs CPU"
-run sparse 60 "kernels24.sparse.to_sparse on the AST model"
-run sdpa 40 "SDPA backends per attention path"
-run fsdp 150 "FSDP, 1 process: run, SIGTERM, resume"
-run pat 75 "PAT, 12 steps"
-run kernels 120 "kernels24.bench per-linear and whole-model"
-run bench_ast 60 "bench_ast: AST vs dense step on CUDA"
+run_step() {  # run_step NAME LIMIT GRACE NEEDS TITLE: step_NAME under timeout, capped by what is left of the budget
+    local name=$1 limit=$(($2 * SCALE)) grace=$3 needs=$4 title=$5 left t0 rc status seconds verdict
+    left=$((BUDGET - ($(date +%s) - START)))
+    if [ -n "${GPU_CHECK_STEPS:-}" ] && [[ ",$GPU_CHECK_STEPS," != *",$name,"* ]] \
+        && ! { [ "$name" = stage ] && [ ! -f "$CKPT/params.json" ]; }; then  # a fresh machine's subset needs the model
+        status="not selected (GPU_CHECK_STEPS)"
+    elif [ "$REHEARSE" = 1 ] && [ "$needs" = cuda ]; then
+        status="skipped: needs CUDA"
+    elif [ "$left" -lt 5 ]; then
+        status="not run: ${left} s of the ${BUDGET} s budget left"
+    else
+        [ "$limit" -gt "$left" ] && limit=$left
+        t0=$(date +%s)
+        timeout -k "$grace" "$limit" bash -c "step_$name" < /dev/null > "$WORK/$name.log" 2>&1
+        rc=$?
+        seconds=$(($(date +%s) - t0))
+        verdict=$(grep -a '^result: ' "$WORK/$name.log" | tail -n1 | cut -c9- | cut -c1-150 | tr '|' '/')
+        case $rc in
+            0) status="ok${verdict:+: $verdict}" ;;
+            124 | 137) status="TIMEOUT after ${limit} s" ;;
+            *) status="FAIL (exit $rc)${verdict:+: $verdict}" ;;
+        esac
+    fi
+    ROW[$name]="| $title | $status | ${seconds:--} | $limit |"
+    write_results  # before the status line: whoever reads that line finds the row written
+    echo "gpu_check: $name: $status${seconds:+ (${seconds} s)}"
+}
 
-{
-    echo "# GPU check ($(date -u +%Y-%m-%dT%H:%MZ), $(($(date +%s) - START)) s of a ${BUDGET} s budget)"
-    echo
-    echo "Commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo ' + local changes'); \`bash bench/gpu_check.sh\`."
-    echo
-    echo "| step | result | seconds |"
-    echo "|---|---|---|"
-    printf '%s\n' "${SUMMARY[@]}"
-    echo
-    if [ ${#NOT_RUN[@]} -gt 0 ]; then echo "Not run (budget): ${NOT_RUN[*]}."; echo; fi
-    cat "$WORK/details.md"
-} > "$MD"
-echo "wrote $MD"
+write_results
+while read -r name limit grace needs title; do
+    run_step "$name" "$limit" "$grace" "$needs" "$title"
+done <<< "$STEPS"
+echo "gpu_check: wrote $MD and $ARCHIVE ($(($(date +%s) - START)) s)"

@@ -1,8 +1,6 @@
-"""Shared training machinery: schedule, flags, atomic checkpoints, exact data resume; FSDP/DDP helpers and the
-flags of bench/gpu_check.sh."""
+"""Shared training machinery: schedule, flags, atomic checkpoints, exact data resume; FSDP/DDP helpers."""
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,8 +9,6 @@ import torch
 import training
 from cli import Progress, UserError
 from training import TrainArgs, lr_at
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_lr_schedule_warmup_then_cosine_to_min():
@@ -121,48 +117,3 @@ def test_grad_sync_and_decay_groups_and_packed_bits():
         packed = training.pack_bits(mask)
         assert packed.dtype == torch.uint8 and packed.shape == (3, -(-width // 8))
         assert torch.equal(training.unpack_bits(packed, width), mask)
-
-
-def gpu_check_commands() -> list[tuple[str, list[str]]]:
-    """(script, argv) of every command bench/gpu_check.sh runs, variables replaced by a placeholder path."""
-    import re
-    import shlex
-    text = (ROOT / "bench" / "gpu_check.sh").read_text().replace("\\\n", " ")
-    for name, value in re.findall(r'^(\w+_FLAGS)="([^"]*)"', text, flags=re.M):
-        text = text.replace("$" + name, value)
-    scripts = r"(train_ast\.py|train_pat\.py|-m kernels24\.bench|bench/bench_ast\.py|bench/gpu_check\.py)"
-    commands = []
-    for line in text.splitlines():
-        if line.lstrip().startswith("#"):
-            continue
-        for script, rest in re.findall(scripts + r"((?:\s+[^|;&}>\s]+)*)", line):
-            argv = ["/x" if "$" in token else token for token in shlex.split(rest.replace("$(ast_model)", "/x"))]
-            commands.append((script.removeprefix("-m ").replace(".py", "").replace("/", "."), argv))
-    return commands
-
-
-def test_every_flag_the_gpu_check_uses_exists(monkeypatch):
-    """CI has no GPU to run bench/gpu_check.sh: every command's flags are parsed here instead (parse_config with
-    the values, as the scripts would; argparse flags and subcommands of the bench/ helpers read from their source)."""
-    import ast
-    import train_ast
-    import train_pat
-    from cli import parse_config
-    from kernels24 import bench
-    configs = {"train_ast": train_ast.ASTArgs, "train_pat": train_pat.PATArgs, "kernels24.bench": bench.BenchConfig}
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # --device cuda is checked against the GPU
-    commands = gpu_check_commands()
-    assert {s for s, _ in commands} == {*configs, "bench.bench_ast", "bench.gpu_check"}
-    assert len(commands) >= 12
-    for script, argv in commands:
-        if script in configs:
-            parse_config(configs[script], argv)  # an unknown flag or a bad value: SystemExit or UserError
-            continue
-        tree = ast.parse((ROOT / (script.replace(".", "/") + ".py")).read_text())
-        calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)]
-        flags = {a.value for c in calls if c.func.attr == "add_argument" for a in c.args if isinstance(a, ast.Constant)}
-        subcommands = {c.args[0].value for c in calls if c.func.attr == "add_parser"}
-        used = [t.split("=")[0] for t in argv if t.startswith("--")]
-        assert set(used) <= flags, (script, argv)
-        if subcommands:
-            assert argv[0] in subcommands, (script, argv)
