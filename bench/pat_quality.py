@@ -3,6 +3,8 @@
     python bench/pat_quality.py                                          # the CPU study (about 2 h on 2 free cores)
     python bench/pat_quality.py --max-steps 4 --limit 10 --eval-interval 2 --out /tmp/pq   # smoke run
     python bench/pat_quality.py --max-steps 3000 --batch-size 16 --seq-len 256 --ppl-windows 0   # a GPU study
+    python bench/pat_quality.py --budget 3 --arms pat_rms,prune_lora    # 3x the tokens: 1,800 steps, s0 = 600
+    python bench/pat_quality.py --report                                 # the tables and plots so far, no work
 
 Arms (LoRA on the seven projections in every arm: same flags, data order, steps, batch and seq_len):
 - lora:       dense LoRA fine-tuning (train_pat --ratio 0), the unpruned reference;
@@ -15,9 +17,15 @@ Each arm is a train_pat run in <out>/<arm>/ (a stopped one continues with train_
 state every --ckpt-interval steps). A finished arm writes <out>/<arm>.json (WikiText-2 perplexity of the merged
 model, zero-shot accuracy with eval.evaluate) and is skipped when the study runs again. At the end:
 <out>/results.md (the table) and <out>/ppl.png (perplexity over steps per arm; PAT's soft-mask model before s0).
+
+--budget K multiplies the training tokens, with the schedule's shape kept: K x --max-steps steps, s0 at a third
+of them, the mask frozen from 0.8 s0 (train_pat's --freeze-at), the warmup a twentieth; the arms of a budget
+other than 1 live in <out>/budget<K>/. <out>/budget.png draws each arm's merged perplexity against training tokens
+over the budgets found (for an arm run at two budgets or more).
 """
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -29,12 +37,23 @@ import data  # noqa: E402
 import pat  # noqa: E402
 import train_pat  # noqa: E402
 import training  # noqa: E402
-from cli import atomic_write, cli_main  # noqa: E402
+from cli import UserError, atomic_write, cli_main  # noqa: E402
 from eval import WikiText2, evaluate  # noqa: E402
 
 ARMS = {"lora": "LoRA only, dense (0%)", "prune_lora": "prune lowest-norm channels, then LoRA",
         "pat": "PAT, paper (mask logits start at 0)", "pat_rms": "PAT, ours (--mask-init rms)"}
 TASKS = ["arc_easy", "piqa", "winogrande", "hellaswag"]
+
+
+def schedule(a, budget) -> dict:
+    """Steps, s0, the freeze step and the warmup at `budget` times the study's tokens: they scale together."""
+    steps, s0 = budget * a.max_steps, budget * max(1, a.max_steps // 3)
+    return {"steps": steps, "s0": s0, "freeze": int(train_pat.PATArgs.freeze_at * s0), "warmup": max(1, steps // 20)}
+
+
+def budget_dir(out, budget) -> Path:
+    """Where the arms of one budget live: <out> at the study's, <out>/budget<K> at K times its tokens."""
+    return out if budget == 1 else out / f"budget{budget}"
 
 
 def prune_lowest_norm(a, out_dir):
@@ -75,10 +94,13 @@ def run_arm(arm, a, out, common):
     return record
 
 
-def table(records, a) -> str:
-    tokens = a.max_steps * a.batch_size * a.seq_len
-    head = (f"SmolLM2-135M, ratio {a.ratio}, {a.max_steps} steps x {a.batch_size} x {a.seq_len} = {tokens:,} training "
-            f"tokens per arm (--data {a.data}); {records[0]['ppl_protocol']}; zero-shot acc, first {a.limit} items\n\n")
+def table(records, a, budget) -> str:
+    plan = schedule(a, budget)
+    tokens = plan["steps"] * a.batch_size * a.seq_len
+    head = (f"SmolLM2-135M, ratio {a.ratio}, budget {budget}: {plan['steps']:,} steps x {a.batch_size} x "
+            f"{a.seq_len} = {tokens:,} training tokens per arm (--data {a.data}), warmup {plan['warmup']}; PAT: "
+            f"s0 {plan['s0']}, mask frozen from step {plan['freeze']}; {records[0]['ppl_protocol']}; zero-shot acc, "
+            f"first {a.limit} items\n\n")
     rows = ["| arm | dim | params | ppl before | ppl merged | " + " | ".join(TASKS) + " | mean |",
             "|---|---|---|---|---|" + "---|" * (len(TASKS) + 1)]
     for r in records:
@@ -91,6 +113,43 @@ def table(records, a) -> str:
 def plot(records, path, milestone):
     training.plot_curves({ARMS[r["arm"]]: r["curve"] for r in records}, path, "step", "WikiText-2 perplexity",
                          vlines={f"PAT milestone s0 = {milestone}": milestone})
+
+
+def finished(out) -> dict:
+    """{budget: [records of its finished arms]} for every budget in --out that has one."""
+    found = {}
+    for folder in [out, *out.glob("budget*")]:
+        match = re.fullmatch(r"budget(\d+)", folder.name) if folder != out else None
+        budget = int(match[1]) if match else 1
+        if folder == out or match:
+            if records := [json.loads((folder / f"{arm}.json").read_text()) for arm in ARMS
+                           if (folder / f"{arm}.json").exists()]:
+                found[budget] = records
+    return dict(sorted(found.items()))
+
+
+def report(a, out):
+    """Each budget's table (also <folder>/results.md) and curves, and the trend over budgets in <out>/budget.png."""
+    found = finished(out)
+    if not found:
+        raise UserError(f"--out {out}: no finished arm in it or in its budget*/ folders; run the study into it first "
+                        f"(python bench/pat_quality.py --out {out})")
+    for budget, records in found.items():
+        text = table(records, a, budget)
+        (budget_dir(out, budget) / "results.md").write_text(text)
+        plot(records, budget_dir(out, budget) / "ppl.png", schedule(a, budget)["s0"])
+        print("\n" + text + f"\nresults: {budget_dir(out, budget) / 'results.md'}, curves: "
+              f"{budget_dir(out, budget) / 'ppl.png'}")
+    trends = {}
+    for budget, records in found.items():
+        for r in records:
+            trends.setdefault(ARMS[r["arm"]], []).append((schedule(a, budget)["steps"] * a.batch_size * a.seq_len,
+                                                          r["ppl"]))
+    if trends := {label: points for label, points in trends.items() if len(points) > 1}:
+        training.plot_curves(trends, out / "budget.png", "training tokens", "WikiText-2 ppl of the merged model")
+        print(f"budget trend: {out / 'budget.png'}")
+    else:
+        print("no budget.png: no arm has finished at two budgets yet")
 
 
 def main():
@@ -112,32 +171,35 @@ def main():
     p.add_argument("--ckpt-interval", type=int, default=50, help="steps between resumable checkpoints of an arm")
     p.add_argument("--limit", type=int, default=500, help="first N items of each zero-shot task")
     p.add_argument("--resume", action="store_true", help="accepted, not needed: a rerun always continues")
+    p.add_argument("--budget", type=int, default=1,
+                   help="K times the training tokens (steps, s0, the freeze, the warmup scale together); <out>/budgetK")
+    p.add_argument("--report", action="store_true", help="only the tables and plots of the finished arms, no work")
     a = p.parse_args()
     arms = [arm.strip() for arm in a.arms.split(",") if arm.strip()]
     if unknown := [arm for arm in arms if arm not in ARMS]:
-        raise SystemExit(f"error: unknown arm {unknown[0]}; choose from {', '.join(ARMS)}")
+        raise UserError(f"unknown arm {unknown[0]}; choose from {', '.join(ARMS)}")
+    if a.budget < 1:
+        raise UserError(f"--budget {a.budget}: must be 1 or more (a multiple of the study's tokens)")
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    common = ["--data", a.data, "--max-steps", str(a.max_steps), "--batch-size", str(a.batch_size),
-              "--seq-len", str(a.seq_len), "--lr", str(a.lr), "--warmup-steps", str(max(1, a.max_steps // 20)),
-              "--ppl-windows", str(a.ppl_windows), "--ppl-seq-len", str(a.ppl_seq_len),
+    if a.report:
+        return report(a, out)
+    plan, folder = schedule(a, a.budget), budget_dir(out, a.budget)
+    folder.mkdir(parents=True, exist_ok=True)
+    common = ["--data", a.data, "--max-steps", str(plan["steps"]), "--milestone", str(plan["s0"]),
+              "--batch-size", str(a.batch_size), "--seq-len", str(a.seq_len), "--lr", str(a.lr),
+              "--warmup-steps", str(plan["warmup"]), "--ppl-windows", str(a.ppl_windows),
+              "--ppl-seq-len", str(a.ppl_seq_len),
               "--eval-interval", str(a.eval_interval), "--ckpt-interval", str(a.ckpt_interval),
               "--calib-batches", str(a.calib_batches), "--log-interval", "10", "--baseline", "prune"]
     common += ["--data-dir", a.data_dir] if a.data_dir else []
-    records = []
     for arm in arms:
-        done = out / f"{arm}.json"
-        if done.exists():
-            print(f"=== {arm}: done ({done})", flush=True)
-            records.append(json.loads(done.read_text()))
+        if (folder / f"{arm}.json").exists():
+            print(f"=== {arm}: done ({folder / f'{arm}.json'})", flush=True)
             continue
-        print(f"\n=== {arm} ===", flush=True)
+        print(f"\n=== {arm}, budget {a.budget}: {plan} ===", flush=True)
         torch.manual_seed(0)
-        records.append(run_arm(arm, a, out, common))
-    text = table(records, a)
-    (out / "results.md").write_text(text)
-    plot(records, out / "ppl.png", max(1, a.max_steps // 3))
-    print("\n" + text + f"\nresults: {out / 'results.md'}, curves: {out / 'ppl.png'}")
+        run_arm(arm, a, folder, common)
+    report(a, out)
 
 
 if __name__ == "__main__":
