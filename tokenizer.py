@@ -11,6 +11,7 @@ import base64
 import binascii
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 # Llama 3's split regex (meta-llama/llama3 tokenizer.py)
@@ -57,9 +58,10 @@ class TiktokenTokenizer:
     kind = "tiktoken"
 
     def __init__(self, ranks: dict, special: dict, pattern: str, bos_id: int, eos_id: int, add_bos: bool,
-                 specials_in_text: bool, name="bpe"):
+                 specials_in_text: bool, name="bpe", merges=None, token_types=None):
         import tiktoken
         self.ranks, self.special, self.pattern = ranks, special, pattern
+        self.merges, self.token_types = merges, token_types  # as the file we read wrote them (vocab_of uses them)
         self.bos_id, self.eos_id, self.add_bos = bos_id, eos_id, add_bos
         # Meta's Llama 3 encodes "<|eot_id|>" in user text as plain text; Hugging Face BPE tokenizers parse it.
         self.specials_in_text = specials_in_text
@@ -121,7 +123,7 @@ def _gpt2_byte_decoder():
     return {chr(c): b for b, c in zip(bs, cs)}
 
 
-def bpe_tokenizer_from_vocab(tokens, token_types, bos_id, eos_id, add_bos, pre):
+def bpe_tokenizer_from_vocab(tokens, token_types, bos_id, eos_id, add_bos, pre, merges=None):
     """A GGUF / Hugging Face byte-level BPE vocab (ids in merge order) as a tiktoken tokenizer."""
     byte_of = _gpt2_byte_decoder()
     ranks, special = {}, {}
@@ -131,7 +133,8 @@ def bpe_tokenizer_from_vocab(tokens, token_types, bos_id, eos_id, add_bos, pre):
         else:
             ranks[bytes(byte_of[c] for c in tok)] = i
     pattern = {"smollm": SMOLLM_PATTERN, "llama-bpe": LLAMA3_PATTERN}.get(pre, GPT2_PATTERN)
-    return TiktokenTokenizer(ranks, special, pattern, bos_id, eos_id, add_bos, specials_in_text=True, name=pre)
+    return TiktokenTokenizer(ranks, special, pattern, bos_id, eos_id, add_bos, specials_in_text=True, name=pre,
+                             merges=merges, token_types=list(token_types))
 
 
 def load_tokenizer(directory):
@@ -145,3 +148,128 @@ def load_tokenizer(directory):
         path = d / "tokenizer.model"
         return llama3_tokenizer(path) if is_tiktoken_file(path) else SentencePieceTokenizer(path.read_bytes())
     return None
+
+
+# ----------------------------------------------------------------------------- one vocabulary for every writer
+
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # GGUF's and SentencePiece's token types
+PRE_OF_PATTERN = {SMOLLM_PATTERN: "smollm", LLAMA3_PATTERN: "llama-bpe", GPT2_PATTERN: "gpt2"}  # llama.cpp's names
+
+
+@dataclass
+class Vocab:
+    """A tokenizer as the files that store one write it (tokenizer.json, GGUF), whatever class reads it here."""
+    model: str                  # "gpt2" (byte-level BPE) or "llama" (SentencePiece-style, with scores)
+    tokens: list                # id -> text: GPT-2 byte characters for BPE; ▁-pieces and <0xXX> for SentencePiece
+    token_types: list           # NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE
+    scores: list | None         # SentencePiece scores (higher merges first); None for BPE
+    merges: list | None         # "a b" BPE merges in priority order; None for SentencePiece
+    pre: str | None             # llama.cpp's pre-tokenizer name for BPE ("smollm", "llama-bpe", "gpt2"); None if other
+    bos_id: int
+    eos_id: int
+    add_bos: bool
+
+
+def gpt2_byte_encoder() -> dict:
+    """byte -> the printable character GPT-2's byte-level BPE writes for it."""
+    return {b: c for c, b in _gpt2_byte_decoder().items()}
+
+
+def merges_from_ranks(ranks: dict) -> list:
+    """tiktoken ranks -> Hugging Face merges ("a b", GPT-2 characters), as transformers converts Llama 3.
+
+    tiktoken merges *any* adjacent pair whose concatenation is a token, lowest rank first; a merge list
+    reproduces that only if it lists every split of a token into two tokens, ranked by the merged token's rank
+    (one split per token is not enough: which split forms a token depends on its neighbours).
+    """
+    enc = gpt2_byte_encoder()
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        splits = [(ranks[token[:i]], ranks[token[i:]], i) for i in range(1, len(token))
+                  if token[:i] in ranks and token[i:] in ranks]
+        for _, _, i in sorted(splits):
+            merges.append("".join(enc[b] for b in token[:i]) + " " + "".join(enc[b] for b in token[i:]))
+    return merges
+
+
+def _sentencepiece_vocab(tok) -> Vocab:
+    sp = tok.sp
+    types = [UNKNOWN if sp.is_unknown(i) else CONTROL if sp.is_control(i) else BYTE if sp.is_byte(i)
+             else UNUSED if sp.is_unused(i) else NORMAL for i in range(tok.vocab_size)]
+    return Vocab("llama", [sp.id_to_piece(i) for i in range(tok.vocab_size)], types,
+                 [sp.get_score(i) for i in range(tok.vocab_size)], None, None, tok.bos_id, tok.eos_id, tok.add_bos)
+
+
+def _tiktoken_vocab(tok) -> Vocab:
+    enc = gpt2_byte_encoder()
+    tokens, types = [f"[PAD{i}]" for i in range(tok.vocab_size)], [UNUSED] * tok.vocab_size
+    for b, i in tok.ranks.items():
+        tokens[i], types[i] = "".join(enc[c] for c in b), NORMAL
+    for s, i in tok.special.items():
+        tokens[i], types[i] = s, CONTROL
+    if tok.token_types is not None:  # the types the file we read gave (control vs user-defined)
+        types = list(tok.token_types)
+    merges = list(tok.merges) if tok.merges is not None else merges_from_ranks(tok.ranks)
+    return Vocab("gpt2", tokens, types, None, merges, PRE_OF_PATTERN.get(tok.pattern), tok.bos_id, tok.eos_id,
+                 tok.add_bos)
+
+
+def vocab_of(tok) -> Vocab:
+    """The vocabulary of any tokenizer of this module, as tokenizer.json and GGUF store it."""
+    if hasattr(tok, "vocab"):  # read from a tokenizer.json or GGUF: keep what the file said
+        return tok.vocab
+    return {"sentencepiece": _sentencepiece_vocab, "tiktoken": _tiktoken_vocab}[tok.kind](tok)
+
+
+def sentencepiece_merges(vocab: Vocab) -> list:
+    """SentencePiece scores -> merges, as transformers' converter writes them: every split of a normal piece into
+    two normal pieces, the higher-scored merged piece first (SentencePiece merges any pair that forms a piece)."""
+    normal = {t: i for i, t in enumerate(vocab.tokens) if vocab.token_types[i] == NORMAL}
+    merges = []
+    for token, i in sorted(normal.items(), key=lambda kv: (-vocab.scores[kv[1]], kv[1])):
+        splits = [(normal[token[:k]], normal[token[k:]], k) for k in range(1, len(token))
+                  if token[:k] in normal and token[k:] in normal]
+        merges += [f"{token[:k]} {token[k:]}" for _, _, k in sorted(splits)]
+    return merges
+
+
+def tokenizer_json(vocab: Vocab) -> dict:
+    """Hugging Face's tokenizer.json for a vocabulary: the `tokenizers` library gives our ids with it."""
+    special = [dict(id=i, content=t, single_word=False, lstrip=False, rstrip=False, normalized=False,
+                    special=vocab.token_types[i] != USER_DEFINED)
+               for i, t in enumerate(vocab.tokens) if vocab.token_types[i] in (CONTROL, USER_DEFINED, UNKNOWN)]
+    in_model = {t: i for i, t in enumerate(vocab.tokens)}  # specials too: `tokenizers` misnumbers them otherwise
+    bos = vocab.tokens[vocab.bos_id]
+    post = None if not vocab.add_bos else dict(
+        type="TemplateProcessing", single=[{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        pair=[{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+              {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        special_tokens={bos: dict(id=bos, ids=[vocab.bos_id], tokens=[bos])})
+    if vocab.model == "gpt2":
+        byte_level = dict(type="ByteLevel", add_prefix_space=False, trim_offsets=True, use_regex=True)
+        pre = {"gpt2": byte_level,
+               "smollm": dict(type="Sequence", pretokenizers=[dict(type="Digits", individual_digits=True), byte_level]),
+               "llama-bpe": dict(type="Sequence", pretokenizers=[
+                   dict(type="Split", pattern={"Regex": LLAMA3_PATTERN}, behavior="Isolated", invert=False),
+                   byte_level | dict(use_regex=False)])}.get(vocab.pre)
+        if pre is None:
+            raise ValueError(f"no tokenizer.json pre-tokenizer for '{vocab.pre}' (known: gpt2, smollm, llama-bpe)")
+        model = dict(type="BPE", dropout=None, unk_token=None, continuing_subword_prefix=None, end_of_word_suffix=None,
+                     fuse_unk=False, byte_fallback=False, ignore_merges=True, vocab=in_model,
+                     merges=[m.split(" ") for m in vocab.merges])  # ignore_merges: tiktoken's whole-piece lookup
+        return dict(version="1.0", truncation=None, padding=None, added_tokens=special, normalizer=None,
+                    pre_tokenizer=pre, post_processor=post, decoder=byte_level, model=model)
+    merges = vocab.merges if vocab.merges is not None else sentencepiece_merges(vocab)
+    unk = next((t for t, typ in zip(vocab.tokens, vocab.token_types) if typ == UNKNOWN), None)
+    model = dict(type="BPE", dropout=None, unk_token=unk, continuing_subword_prefix=None, end_of_word_suffix=None,
+                 fuse_unk=True, byte_fallback=True, ignore_merges=False, vocab=in_model,
+                 merges=[m.split(" ") for m in merges])
+    decoder = dict(type="Sequence", decoders=[
+        dict(type="Replace", pattern={"String": "▁"}, content=" "), dict(type="ByteFallback"), dict(type="Fuse"),
+        dict(type="Strip", content=" ", start=1, stop=0)])
+    # Prepend + Replace as a normaliser, not Metaspace: Metaspace adds no "▁" to a text that starts with a space,
+    # SentencePiece does
+    normalizer = dict(type="Sequence", normalizers=[dict(type="Prepend", prepend="▁"),
+                                                    dict(type="Replace", pattern={"String": " "}, content="▁")])
+    return dict(version="1.0", truncation=None, padding=None, added_tokens=special, normalizer=normalizer,
+                pre_tokenizer=None, post_processor=post, decoder=decoder, model=model)

@@ -4,7 +4,8 @@ import json
 import pytest
 
 from checkpoint import fetch_smollm2
-from tokenizer import LLAMA3_PATTERN, SentencePieceTokenizer, llama3_tokenizer, load_tokenizer
+from tokenizer import (LLAMA3_PATTERN, SentencePieceTokenizer, llama3_tokenizer, load_tokenizer, tokenizer_json,
+                       vocab_of)
 
 
 def sample_texts(data_dir):
@@ -73,3 +74,24 @@ def test_smollm2_gguf_bpe_equals_huggingface(smollm2, data_dir, tmp_path):
     assert n > 30000
     tok.save(tmp_path)
     assert load_tokenizer(tmp_path).encode("x = 12345;  y <|im_start|>") == tok.encode("x = 12345;  y <|im_start|>")
+
+
+@pytest.mark.parametrize("name", ["llama2", "llama3", "smollm2"])
+def test_vocab_as_tokenizer_json_gives_our_ids_in_the_tokenizers_library(name, data_dir, request):
+    """vocab_of -> tokenizer.json -> Hugging Face's `tokenizers` reproduces our ids (what export_hf and GGUF write)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = (request.getfixturevalue("smollm2")[1] if name == "smollm2"
+           else load_tokenizer(data_dir / "tokenizers" / name))
+    vocab = vocab_of(tok)
+    assert len(vocab.tokens) == len(vocab.token_types) == tok.vocab_size
+    assert (vocab.bos_id, vocab.eos_id, vocab.add_bos) == (tok.bos_id, tok.eos_id, tok.add_bos)
+    assert (vocab.model, vocab.pre) == {"llama2": ("llama", None), "llama3": ("gpt2", "llama-bpe"),
+                                        "smollm2": ("gpt2", "smollm")}[name]
+    if name == "llama3":
+        assert len(vocab.merges) == 280147  # as many as Meta-Llama-3's own tokenizer.json
+    ref = tokenizers.Tokenizer.from_str(json.dumps(tokenizer_json(vocab)))
+    for text in sample_texts(data_dir):
+        if name == "llama2":
+            text = text.replace("<|endoftext|>", "")  # "<s>"-style specials are text to SentencePiece
+        assert ref.encode(text).ids == tok.encode(text)
+        assert ref.encode(text, add_special_tokens=False).ids == tok.encode(text, bos=False)
