@@ -4,8 +4,8 @@ import json
 import pytest
 
 from checkpoint import fetch_smollm2
-from tokenizer import (LLAMA3_PATTERN, SentencePieceTokenizer, llama3_tokenizer, load_tokenizer, tokenizer_json,
-                       vocab_of)
+from hf import tokenizer_json
+from tokenizer import LLAMA3_PATTERN, SentencePieceTokenizer, llama3_tokenizer, load_tokenizer, vocab_of
 
 
 def sample_texts(data_dir):
