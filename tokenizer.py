@@ -20,6 +20,8 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # GGUF's and SentencePiece's token types
+
 # Llama 3's split regex (meta-llama/llama3 tokenizer.py)
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -232,7 +234,6 @@ def bpe_tokenizer_from_vocab(tokens, token_types, bos_id, eos_id, add_bos, pre, 
 
 # ----------------------------------------------------------------------------- one vocabulary for every writer
 
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # GGUF's and SentencePiece's token types
 PRE_OF_PATTERN = {SMOLLM_PATTERN: "smollm", LLAMA3_PATTERN: "llama-bpe", GPT2_PATTERN: "gpt2"}  # llama.cpp's names
 
 
@@ -346,11 +347,13 @@ def apply_hf_config(tok, directory, token_id):
     for key, attr in (("bos_token", "bos_id"), ("eos_token", "eos_id")):
         if config.get(key) is not None:
             if token_id(_content(config[key])) is None:
-                raise ValueError(f"{d / 'tokenizer_config.json'}: {key} {_content(config[key])!r} is not in the vocabulary")
+                raise ValueError(f"{d / 'tokenizer_config.json'}: {key} {_content(config[key])!r} is not in the "
+                                 f"vocabulary")
             setattr(tok, attr, token_id(_content(config[key])))
     if "add_bos_token" in config:
         tok.add_bos = bool(config["add_bos_token"])
-    generation = json.loads((d / "generation_config.json").read_text()) if (d / "generation_config.json").exists() else {}
+    generation_file = d / "generation_config.json"
+    generation = json.loads(generation_file.read_text()) if generation_file.exists() else {}
     stop = generation.get("eos_token_id", tok.eos_id)
     tok.stop_ids = tuple(stop) if isinstance(stop, list) else (stop,)
     if tok.eos_id is None:
@@ -410,11 +413,11 @@ def tokenizer_from_json(directory):
     if spec.get("normalizer") and byte_level:
         raise ValueError(f"{d / 'tokenizer.json'}: normalizer {spec['normalizer']['type']} is not supported")
     if byte_level:
+        pattern = _bytelevel_pattern(spec.get("pre_tokenizer"))
         merged = [ids.get(m.replace(" ", "")) for m in merges]
         if None in merged or any(a > b for a, b in zip(merged, merged[1:])):
             raise ValueError(f"{d / 'tokenizer.json'}: merges are not in token-id order, which tiktoken needs")
-        tok = bpe_tokenizer_from_vocab(tokens, types, bos_id, eos_id, add_bos, None, merges,
-                                       pattern=_bytelevel_pattern(spec.get("pre_tokenizer")))
+        tok = bpe_tokenizer_from_vocab(tokens, types, bos_id, eos_id, add_bos, None, merges, pattern=pattern)
         tok.from_json = True
         return apply_hf_config(tok, d, lambda t: ids.get(t))
     return apply_hf_config(_sentencepiece_bpe_from_json(spec, d, tokens, types, merges, bos_id, eos_id, add_bos),
@@ -428,7 +431,9 @@ def _sentencepiece_bpe_from_json(spec, d, tokens, types, merges, bos_id, eos_id,
     if norm == legacy and pre is None:
         prepend, split = "legacy", False
     elif norm is None and pre and pre["type"] == "Metaspace" and pre.get("replacement") == "▁":
-        prepend, split = pre.get("prepend_scheme", "always"), pre.get("split", True)
+        # files written before `prepend_scheme` existed say add_prefix_space instead
+        prepend = pre.get("prepend_scheme") or ("always" if pre.get("add_prefix_space", True) else "never")
+        split = pre.get("split", True)
     else:
         raise ValueError(f"{d / 'tokenizer.json'}: normalizer {json.dumps(norm)[:80]} with pre-tokenizer "
                          f"{json.dumps(pre)[:80]} is not supported (we read Llama 2's: Prepend+Replace, or Metaspace)")

@@ -218,7 +218,7 @@ def tiny_model_for(tiny_args, vocab_size, tie):
     return Transformer(tiny_args(vocab_size=vocab_size, tie_embeddings=tie)).eval()
 
 
-@pytest.mark.parametrize("which", ["llama2", "llama3", "smollm2"])
+@pytest.mark.parametrize("which", ["llama2", pytest.param("llama3", marks=pytest.mark.slow), "smollm2"])
 def test_hf_export_loads_in_transformers_with_our_ids_and_logits(which, tiny_args, data_dir, smollm2, tmp_path):
     """export_hf writes the tokenizer in Hugging Face's files: AutoTokenizer gives our ids, AutoModelForCausalLM our
     logits, and checkpoint.load reads the export back with the same ids."""
@@ -320,3 +320,16 @@ def test_hub_names_resolve_through_huggingface_hub(tiny_args, data_dir, tmp_path
     assert "hf download HuggingFaceTB/SmolLM2-135M" in err and "couldn't connect" in err
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # the package is not installed
     assert "pip install huggingface_hub" in cli_error(lambda: load("HuggingFaceTB/SmolLM2-135M"))
+
+
+def test_a_tokenizer_json_we_dont_read_is_one_line_naming_the_part(tiny_args, data_dir, tmp_path, cli_error):
+    hub = hub_model(tiny_args, data_dir, tmp_path / "hub")
+    spec = json.loads((hub / "tokenizer.json").read_text())
+    (hub / "tokenizer.json").write_text(json.dumps(spec | {"normalizer": {"type": "NFKC"}}))
+    assert "normalizer {\"type\": \"NFKC\"}" in cli_error(lambda: load(hub))
+    (hub / "tokenizer.json").write_text(json.dumps(spec | {"model": spec["model"] | {"type": "WordPiece"}}))
+    assert "a WordPiece model with these options is not supported" in cli_error(lambda: load(hub))
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
+    pre = {"type": "Sequence", "pretokenizers": [{"type": "Punctuation"}, byte_level]}
+    (hub / "tokenizer.json").write_text(json.dumps(spec | {"pre_tokenizer": pre, "normalizer": None}))
+    assert "pre-tokenizer" in cli_error(lambda: load(hub)) and "Punctuation" in cli_error(lambda: load(hub))
