@@ -241,10 +241,10 @@ PRE_OF_PATTERN = {SMOLLM_PATTERN: "smollm", LLAMA3_PATTERN: "llama-bpe", GPT2_PA
 class Vocab:
     """A tokenizer as the files that store one write it (tokenizer.json, GGUF), whatever class reads it here."""
     model: str                  # "gpt2" (byte-level BPE) or "llama" (SentencePiece-style, with scores)
-    tokens: list                # id -> text: GPT-2 byte characters for BPE; ▁-pieces and <0xXX> for SentencePiece
-    token_types: list           # NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE
-    scores: list | None         # SentencePiece scores (higher merges first); None for BPE
-    merges: list | None         # "a b" BPE merges in priority order; None for SentencePiece
+    tokens: list[str]           # id -> text: GPT-2 byte characters for BPE; ▁-pieces and <0xXX> for SentencePiece
+    token_types: list[int]      # NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE
+    scores: list[float] | None  # SentencePiece scores (higher merges first); None for BPE
+    merges: list[str] | None    # "a b" BPE merges in priority order; None for SentencePiece
     pre: str | None             # llama.cpp's pre-tokenizer name for BPE ("smollm", "llama-bpe", "gpt2"); None if other
     bos_id: int
     eos_id: int
