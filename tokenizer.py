@@ -119,8 +119,12 @@ class SentencePieceBPETokenizer:
         self.rank = {tuple(m.split(" ")): r for r, m in enumerate(vocab.merges)}
         self.unk_id = next((i for i, t in enumerate(vocab.token_types) if t == UNKNOWN), None)
         self.added_re = re.compile("|".join(map(re.escape, sorted(added, key=len, reverse=True)))) if added else None
-        safe = split or not any(re.search("[^▁]▁", t) for t in vocab.tokens)
-        self.piece_re = re.compile("▁*[^▁]+|▁+") if safe else None
+        if split:  # Metaspace's split: every "▁" starts a piece
+            self.piece_re = re.compile("▁[^▁]*|[^▁]+")
+        elif not any(re.search("[^▁]▁", t) for t in vocab.tokens):
+            self.piece_re = re.compile("▁*[^▁]+|▁+")
+        else:  # a token runs across a "▁": the text is one piece (slow, rare)
+            self.piece_re = None
         self.cache = {}
 
     def _bpe(self, piece):

@@ -252,3 +252,14 @@ def test_hf_config_sets_bos_eos_add_bos_and_stop_ids_beside_a_tokenizer_model(da
     (llama2 / "tokenizer_config.json").write_text(json.dumps(dict(eos_token="<|im_end|>")))
     with pytest.raises(ValueError, match="eos_token '<\\|im_end\\|>' is not in the vocabulary"):
         load_tokenizer(llama2)
+
+
+def test_metaspace_that_splits_every_space_equals_the_tokenizers_library(hf_dirs, tmp_path):
+    """Metaspace(split=true) (the default of files that don't say) starts a piece at every "▁": "▁▁" never forms."""
+    from tokenizers import Tokenizer
+    spec = json.loads((hf_dirs("llama2-metaspace") / "tokenizer.json").read_text())
+    spec["pre_tokenizer"] |= {"split": True}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    ref, tok = Tokenizer.from_file(str(tmp_path / "tokenizer.json")), load_tokenizer(tmp_path)
+    for text in ["a  b    c", "   leading", "x\n  \n   y  ", *EDGE_TEXTS]:
+        assert tok.encode(text) == ref.encode(text).ids, text
