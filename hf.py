@@ -183,8 +183,12 @@ def tokenizer_config(vocab: Vocab) -> dict:
 
 def save_tokenizer(tokenizer, out: Path):
     """tokenizer.json, tokenizer_config.json, generation_config.json (the files a Hugging Face directory we read
-    came with, else written from vocab_of), and tokenizer.model for SentencePiece."""
+    came with, else written from vocab_of), and tokenizer.model for SentencePiece. tokenizer_class is always the
+    generic PreTrainedTokenizerFast, which encodes as tokenizer.json says."""
     files = dict(tokenizer.hf_files)
+    if "tokenizer_config.json" in files:  # transformers 5's LlamaTokenizer class swaps the file's normaliser for
+        config = json.loads(files["tokenizer_config.json"])  # its own Metaspace: the generic class keeps it
+        files["tokenizer_config.json"] = json.dumps(config | {"tokenizer_class": "PreTrainedTokenizerFast"}, indent=2)
     if "tokenizer.json" not in files:
         vocab = vocab_of(tokenizer)
         files["tokenizer.json"] = json.dumps(tokenizer_json(vocab), ensure_ascii=False)

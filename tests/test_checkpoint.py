@@ -333,3 +333,19 @@ def test_a_tokenizer_json_we_dont_read_is_one_line_naming_the_part(tiny_args, da
     pre = {"type": "Sequence", "pretokenizers": [{"type": "Punctuation"}, byte_level]}
     (hub / "tokenizer.json").write_text(json.dumps(spec | {"pre_tokenizer": pre, "normalizer": None}))
     assert "pre-tokenizer" in cli_error(lambda: load(hub)) and "Punctuation" in cli_error(lambda: load(hub))
+
+
+def test_hf_export_of_a_hub_llama2_directory_keeps_its_ids_in_transformers(tiny_args, data_dir, tmp_path):
+    """A Hub Llama 2 directory says tokenizer_class LlamaTokenizer, and transformers 5's LlamaTokenizer replaces the
+    file's Prepend+Replace normaliser by its own Metaspace, which adds no "▁" before a leading space (not
+    SentencePiece's ids). The export names the generic class, so AutoTokenizer encodes as the file says."""
+    hub = hub_model(tiny_args, data_dir, tmp_path / "hub")
+    config = json.loads((hub / "tokenizer_config.json").read_text()) | {"tokenizer_class": "LlamaTokenizer"}
+    (hub / "tokenizer_config.json").write_text(json.dumps(config))
+    text = " = Robert Boulter = \n"
+    assert transformers.AutoTokenizer.from_pretrained(hub)(text)["input_ids"] == [1, 353, 4755, 350, 5059, 357, 353, 29871, 13]
+    model, tok = load(hub)
+    assert tok.encode(text) == [1, 29871, 353, 4755, 350, 5059, 357, 353, 29871, 13]  # SentencePiece's
+    export_hf(model, tok, tmp_path / "export")
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "export")(text)["input_ids"] == tok.encode(text)
+    assert json.loads((tmp_path / "export" / "tokenizer_config.json").read_text())["bos_token"] == "<s>"
