@@ -123,7 +123,7 @@ def task_strings(data_dir, per_file=None):
     return out
 
 
-def write_fixture(name, out, data_dir, smollm2_tok):
+def write_fixture(name, out, data_dir):
     """A Hub-style tokenizer directory (tokenizer.json + tokenizer_config.json) built by transformers/tokenizers,
     not by us: SmolLM2's from its GGUF with the real file's pre-tokenizer (digits one by one, then GPT-2's
     byte-level regex); Llama 2's from SentencePiece's pieces and scores with transformers' merge generation and
@@ -166,13 +166,13 @@ def write_fixture(name, out, data_dir, smollm2_tok):
 
 
 @pytest.fixture(scope="session")
-def hf_dirs(tmp_path_factory, data_dir, smollm2):
+def hf_dirs(tmp_path_factory, data_dir):
     """name -> a Hub-style tokenizer directory, built once per session when first asked for."""
     built = {}
 
     def get(name):
         if name not in built:
-            built[name] = write_fixture(name, tmp_path_factory.mktemp("hf") / name, data_dir, smollm2[1])
+            built[name] = write_fixture(name, tmp_path_factory.mktemp("hf") / name, data_dir)
         return built[name]
     return get
 
