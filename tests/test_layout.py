@@ -20,7 +20,8 @@ ALLOWED = {  # module -> the project modules it may import
     "chunked_loss": set(),  # the LM-head loss in token chunks (both trainers)
     # formats and data
     "packed": {"cli"},
-    "checkpoint": {"cli", "model", "tokenizer", "packed"},
+    "hf": {"cli", "model", "tokenizer"},  # Hugging Face's names, config.json, Hub names, export
+    "checkpoint": {"cli", "model", "tokenizer", "packed", "hf"},
     "data": {"cli"},
     # shared machinery, evaluation, pruning
     "training": {"cli", "data", "checkpoint", "model"},
