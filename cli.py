@@ -38,7 +38,8 @@ class DiskFull(UserError):
 
 
 def cli_main(main):
-    """Run a script's main(); bad input (and a full disk) ends with one line on stderr and exit status 1."""
+    """Run a script's main(); bad input (and a full disk) ends with one line on stderr and exit status 1. Locks taken
+    with lock_dir are released however main() ends."""
     try:
         main()
     except UserError as e:
@@ -53,6 +54,8 @@ def cli_main(main):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        release_locks()
 
 
 # ----------------------------------------------------------------------------- dtypes and devices

@@ -118,7 +118,8 @@ def test_nan_loss_stops_with_the_last_checkpoint(tiny_run, monkeypatch):
     # a NaN learning rate (the flag refuses one): step 1 computes a finite loss and writes NaN weights,
     # so step 2's loss is NaN
     monkeypatch.setattr(training, "lr_at", lambda step, args: float("nan"))
-    with pytest.raises(UserError, match="loss is nan at step 2; last good checkpoint: none yet"):
+    with pytest.raises(UserError, match="loss is nan at step 2, before any checkpoint, so there is nothing to resume: "
+                                        ".* start again with --overwrite"):
         train_ast.main(run_args(tiny_run, tiny_run / "nan", "--ckpt-interval", "0"))
 
 
