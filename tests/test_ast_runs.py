@@ -376,12 +376,22 @@ def test_resume_with_a_changed_defining_flag_is_refused_on_a_real_run(tiny_run, 
     assert training.load_state(out / "state.pt")["step"] == 3
 
 
+def torch_save_short_write(obj, path):
+    """What torch.save raises when the disk fills mid-file: no errno, only a position mismatch."""
+    Path(path).write_bytes(b"PK partial")
+    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+
+def safetensors_full(path):
+    Path(path).write_bytes(b"partial")
+    raise Exception("Error while serializing: I/O error: No space left on device (os error 28)")  # SafetensorError
+
+
 def test_a_full_disk_says_so_and_keeps_the_last_checkpoint_then_resumes(tiny_run, monkeypatch):
     """The disk fills while step 6's checkpoint is written, then while final/ is written: one line each naming what
     was kept (state.pt of step 3, then of step 6), and --resume finishes the run equal to an undisturbed one."""
     import checkpoint
     from cli import UserError
-    from test_cli import safetensors_full, torch_save_short_write
     monkeypatch.chdir(tiny_run)
     train_ast.main(run_args(tiny_run, tiny_run / "roomy", "--no-eval", "--ckpt-interval", "3"))
     out, real_save = tiny_run / "full", torch.save

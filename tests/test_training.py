@@ -87,7 +87,9 @@ def test_plot_log_skips_empty_series_and_draws_nothing_it_cannot(tmp_path, monke
 
 
 def test_a_full_disk_keeps_the_last_checkpoint_and_every_earlier_log_record(tmp_path, monkeypatch):
-    from test_cli import torch_save_short_write
+    def torch_save_short_write(obj, path):  # torch.save on a full disk: no errno, only a position mismatch
+        Path(path).write_bytes(b"PK partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
     path = tmp_path / "state.pt"
     monkeypatch.setattr(torch, "save", torch_save_short_write)
     with pytest.raises(UserError, match="^the disk is full: could not write .*state.pt .*: the checkpoint of step 3 "
