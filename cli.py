@@ -116,6 +116,7 @@ RANGES = {  # flag -> (test, what it accepts); None (where a field allows it) al
     "percdamp": (_positive, "must be positive (0 leaves a singular Hessian without damping; 0.01 is usual)"),
     "alpha": (_fraction, "must be in [0, 1]"), "min_lr_ratio": (_fraction, "must be in [0, 1]"),
     "ratio": (_below_one, "must be in [0, 1)"), "beta2": (_below_one, "must be in [0, 1)"),
+    "seed": (lambda v: 0 <= v < 2 ** 63, "must be in [0, 2**63)"),  # what a torch.Generator takes (and seed + epoch)
 }
 
 

@@ -64,6 +64,7 @@ RANGE_CASES = [  # (script, argv, what the line must say)
     ("train_pat", ["--mask-lr", "inf"], "--mask-lr inf: must be a finite number"),
     ("train_pat", ["--freeze-at", "nan"], "--freeze-at nan: must be a finite number"),  # a field without a range
     ("train_ast", ["--alpha", "1.5"], "--alpha 1.5: must be in [0, 1]"),
+    ("train_ast", ["--seed", str(2 ** 70)], f"--seed {2 ** 70}: must be in [0, 2**63)"),
     ("train_pat", ["--batch-size", "0"], "--batch-size 0: must be positive"),
     ("train_pat", ["--log-interval", "0"], "--log-interval 0: must be positive"),
     ("train_pat", ["--max-steps", "0"], "--max-steps 0: must be positive"),
