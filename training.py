@@ -320,10 +320,19 @@ class JsonlLog:
     def keep_until(self, step, drop=None):
         """Drop the records after `step` (written after the checkpoint a resumed run starts from), and those that
         drop(record) names."""
-        if self.path.exists():
-            lines = [line for line in self.path.read_text().splitlines(keepends=True)
-                     if json.loads(line)["step"] <= step and not (drop and drop(json.loads(line)))]
-            atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(lines)))
+        if not self.path.exists():
+            return
+        lines, kept = self.path.read_text().splitlines(keepends=True), []
+        for number, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if number == len(lines):  # a torn last record (a crash mid-write) was never a whole step's
+                    break
+                raise UserError(f"{self.path}:{number} is not a JSON record; delete that line and --resume again")
+            if record["step"] <= step and not (drop and drop(record)):
+                kept.append(line if line.endswith("\n") else line + "\n")
+        atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(kept)))
 
 
 def plot_log(jsonl_path, png_path, keys, log_keys=("ppl",), refs=None, marks=None):

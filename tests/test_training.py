@@ -68,6 +68,20 @@ def test_log_plot_progress_and_nan_stop(tmp_path):
     training.check_finite(torch.tensor(1.0), 7, None)
 
 
+def test_a_resumed_log_drops_a_torn_last_record_and_names_a_damaged_one(tmp_path):
+    """A crash mid-write leaves half a record at the end: the resume's cut drops it (it was a JSONDecodeError)."""
+    log = training.JsonlLog(tmp_path / "log.jsonl")
+    for step in (1, 2, 3):
+        log.log({"step": step, "loss": 1.0})
+    with open(log.path, "a") as f:
+        f.write('{"step": 4, "lo')
+    log.keep_until(2)
+    assert [json.loads(line)["step"] for line in open(log.path)] == [1, 2]
+    log.path.write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')
+    with pytest.raises(UserError, match=f"^{log.path}:2 is not a JSON record; delete that line and --resume again$"):
+        log.keep_until(3)
+
+
 def test_plot_log_skips_empty_series_and_draws_nothing_it_cannot(tmp_path, monkeypatch, capsys):
     """--no-eval logs ppl: null, a lost log axis has no positive value: such a series gets no panel (matplotlib
     raised on the log axis); with nothing at all to draw there is no plot and one line says so."""
