@@ -266,7 +266,7 @@ class StopRequest:
         self.restore()
         world_size = dist.get_world_size() if dist.is_initialized() else 1
         launcher = f"torchrun --nproc_per_node {world_size}" if world_size > 1 else "python"
-        command = " ".join(shlex.quote(a) for a in sys.argv if a != "--resume")
+        command = " ".join(shlex.quote(a) for a in sys.argv if a not in ("--resume", "--overwrite"))  # never both
         teardown()
         raise UserError(f"stopped by {self.name or 'a signal on another rank'} after step {step}; "
                         f"{Path(args.out) / 'state.pt'} holds it; continue with: {launcher} {command} --resume")

@@ -68,6 +68,15 @@ def test_log_plot_progress_and_nan_stop(tmp_path):
     training.check_finite(torch.tensor(1.0), 7, None)
 
 
+def test_the_stop_line_continues_with_resume_never_with_overwrite(monkeypatch):
+    """A run started with --overwrite and stopped by a signal: the command it prints must not pass both flags."""
+    monkeypatch.setattr("sys.argv", ["train_ast.py", "--out", "o", "--overwrite", "--max-steps", "9"])
+    stop = training.StopRequest()
+    stop.name, stop.previous = "SIGTERM", {}
+    with pytest.raises(UserError, match=r"continue with: python train_ast.py --out o --max-steps 9 --resume$"):
+        stop.stop(3, TrainArgs(out="o"))
+
+
 def test_a_resumed_log_drops_a_torn_last_record_and_names_a_damaged_one(tmp_path):
     """A crash mid-write leaves half a record at the end: the resume's cut drops it (it was a JSONDecodeError)."""
     log = training.JsonlLog(tmp_path / "log.jsonl")
