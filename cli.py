@@ -176,7 +176,7 @@ def check_config(cfg):
     """Every field's value against RANGES and, for --device cuda, a GPU that torch can see; returns cfg."""
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        if isinstance(value, float) and not math.isfinite(value):  # nan passes no test but says nothing; inf passes them
+        if isinstance(value, float) and not math.isfinite(value):  # nan fails every test unexplained; inf passes
             raise UserError(f"{flag(f.name)} {value}: must be a finite number")
         if f.name in RANGES and value is not None and not isinstance(value, bool):
             test, accepts = RANGES[f.name]
@@ -194,7 +194,8 @@ def _writable_dir(directory: Path, path: Path, what: str):
         probe.touch()
         probe.unlink()
     except OSError as e:
-        raise UserError(f"cannot write {what}{path}: {e.strerror.lower()} in {directory}; choose a writable place") from None
+        raise UserError(f"cannot write {what}{path}: {e.strerror.lower()} in {directory}; "
+                        f"choose a writable place") from None
 
 
 def check_output_file(path, flag: str | None = None) -> Path:

@@ -217,7 +217,8 @@ def save_state(path, state: dict):
     except DiskFull as e:
         kept = (f"{path} still holds the last good checkpoint: free some space, then continue with --resume"
                 if path.exists() else "no checkpoint was written yet: free some space and start again")
-        raise DiskFull(f"{str(e).split(';')[0]}: the checkpoint of step {state.get('step')} was not saved; {kept}") from None
+        raise DiskFull(f"{str(e).split(';')[0]}: the checkpoint of step {state.get('step')} was not saved; "
+                       f"{kept}") from None
 
 
 def load_state(path) -> dict:
