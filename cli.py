@@ -12,9 +12,12 @@ A flag means the same thing in every script, so its accepted range is written on
 """
 import argparse
 import dataclasses
+import errno
 import inspect
 import io
+import math
 import os
+import shutil
 import sys
 import time
 import tokenize
@@ -30,16 +33,29 @@ class UserError(Exception):
     """Bad input (a missing file, a wrong shape, an unknown name): reported as one line, never a traceback."""
 
 
+class DiskFull(UserError):
+    """A write that found no space left: the line says what was kept."""
+
+
 def cli_main(main):
-    """Run a script's main(); bad input ends with one line on stderr and exit status 1."""
+    """Run a script's main(); bad input (and a full disk) ends with one line on stderr and exit status 1. Locks taken
+    with lock_dir are released however main() ends."""
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except OSError as e:
+        if not disk_full(e):
+            raise
+        print(f"error: the disk is full{f' writing {e.filename}' if e.filename else ''}; free some space and run again",
+              file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        release_locks()
 
 
 # ----------------------------------------------------------------------------- dtypes and devices
@@ -97,9 +113,10 @@ RANGES = {  # flag -> (test, what it accepts); None (where a field allows it) al
     "warmup_steps": NON_NEGATIVE, "weight_decay": NON_NEGATIVE, "grad_clip": NON_NEGATIVE, "decay_max": NON_NEGATIVE,
     "slorb_k": NON_NEGATIVE, "milestone": NON_NEGATIVE, "hsm_rank": NON_NEGATIVE, "lora_rank": NON_NEGATIVE,
     "count_weight": NON_NEGATIVE, "polar_weight": NON_NEGATIVE, "identity_weight": NON_NEGATIVE,
-    "percdamp": NON_NEGATIVE,
+    "percdamp": (_positive, "must be positive (0 leaves a singular Hessian without damping; 0.01 is usual)"),
     "alpha": (_fraction, "must be in [0, 1]"), "min_lr_ratio": (_fraction, "must be in [0, 1]"),
     "ratio": (_below_one, "must be in [0, 1)"), "beta2": (_below_one, "must be in [0, 1)"),
+    "seed": (lambda v: 0 <= v < 2 ** 63, "must be in [0, 2**63)"),  # what a torch.Generator takes (and seed + epoch)
 }
 
 
@@ -159,6 +176,8 @@ def check_config(cfg):
     """Every field's value against RANGES and, for --device cuda, a GPU that torch can see; returns cfg."""
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):  # nan fails every test unexplained; inf passes
+            raise UserError(f"{flag(f.name)} {value}: must be a finite number")
         if f.name in RANGES and value is not None and not isinstance(value, bool):
             test, accepts = RANGES[f.name]
             if not test(value):
@@ -168,42 +187,148 @@ def check_config(cfg):
     return cfg
 
 
-def check_output_file(path) -> Path:
-    """Fail before the work, not after it, when an output file's directory does not exist."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise UserError(f"cannot write {path}: the directory {path.parent} does not exist; create it first")
+def _writable_dir(directory: Path, path: Path, what: str):
+    """Create a probe file in `directory` and remove it: one line naming `path` when nothing can be written there."""
+    probe = directory / f".write-test{os.getpid()}"
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write {what}{path}: {e.strerror.lower()} in {directory}; "
+                        f"choose a writable place") from None
+
+
+def check_output_file(path, flag: str | None = None) -> Path:
+    """Before the work, not after it: `path` is a writable place for a file (not a directory, its directory exists
+    and takes a new file). Creates nothing that stays. flag (e.g. "--json"): named in the line."""
+    path, what = Path(path), f"{flag} " if flag else ""
+    if path.is_dir():
+        raise UserError(f"cannot write {what}{path}: it is a directory; give a file name inside it")
+    parent = path.parent
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker:
+        raise UserError(f"cannot write {what}{path}: {blocker} is a file, not a directory")
+    if not parent.is_dir():
+        raise UserError(f"cannot write {what}{path}: the directory {parent} does not exist; create it first")
+    _writable_dir(parent, path, what)
     return path
 
 
-def check_output_dir(path, overwrite=False, resumable=False) -> Path:
-    """A directory to write results into: refused when it already holds files, unless --overwrite.
-    resumable: the script can also continue what is there (--resume), and the line says so."""
+LOCK_FILE = ".lock"  # in a run directory while a process holds it: that process's pid
+
+
+def check_output_dir(path, overwrite=False, resumable=False, flag: str = "--out") -> Path:
+    """A directory to write results into, created and tested now (before the work): refused when it is a file, cannot
+    be made or written, or already holds files, unless --overwrite. resumable: the script can also continue what is
+    there (--resume), and the line says so. A run's lock file (LOCK_FILE) does not count as content."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise UserError(f"--out {path} is a file; --out is a directory")
-    present = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+        raise UserError(f"{flag} {path} is a file; {flag} is a directory")
+    present = sorted(p.name for p in path.iterdir() if p.name != LOCK_FILE) if path.is_dir() else []
     if present and not overwrite:
         what = (("continue that run with --resume, start over with --overwrite, or choose another --out") if resumable
-                else "choose another --out, or pass --overwrite to replace what this script writes there")
-        raise UserError(f"--out {path} already holds {', '.join(present[:4])}{' ...' if len(present) > 4 else ''}: "
+                else f"choose another {flag}, or pass --overwrite to replace what this script writes there")
+        raise UserError(f"{flag} {path} already holds {', '.join(present[:4])}{' ...' if len(present) > 4 else ''}: "
                         f"{what}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        why = f"{blocker} is a file, not a directory" if blocker else e.strerror.lower()
+        raise UserError(f"cannot create {flag} {path}: {why}; choose another {flag}") from None
+    _writable_dir(path, path, f"{flag} ")
     return path
+
+
+_held_locks = {}  # resolved directory -> the open descriptor whose flock this process holds
+
+
+def lock_dir(path, flag: str = "--out"):
+    """Hold an exclusive lock on a directory until release_locks() or the process ends (the kernel drops it then, so
+    a crashed run never blocks the next one). A second process gets one line naming the first's pid. Re-entrant
+    within a process. No-op where flock is unavailable (a filesystem without locks, or no fcntl)."""
+    try:
+        import fcntl  # Unix
+    except ImportError:
+        return
+    path = Path(path).resolve()
+    if path in _held_locks:
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        try:
+            pid = (path / LOCK_FILE).read_text().strip() or "unknown"
+        except OSError:
+            pid = "unknown"
+        raise UserError(f"{flag} {path} is in use by another run (pid {pid}); wait for it to end, or choose another "
+                        f"{flag}") from None
+    except OSError:  # no locks on this filesystem
+        os.close(fd)
+        return
+    _held_locks[path] = fd
+    (path / LOCK_FILE).write_text(f"{os.getpid()}\n")
+
+
+def release_locks():
+    """Release every lock_dir of this process (its pid file first, then the lock)."""
+    while _held_locks:
+        path, fd = _held_locks.popitem()
+        try:
+            (path / LOCK_FILE).unlink(missing_ok=True)
+        finally:
+            os.close(fd)
 
 
 # ----------------------------------------------------------------------------- files
 
 
+def disk_full(e: BaseException) -> bool:
+    """Whether a failed write ran out of space: ENOSPC / EDQUOT, safetensors' "os error 28", or torch.save's short
+    write ("unexpected pos", which carries no errno)."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)
+    return any(s in text for s in ("No space left on device", "os error 28", "Disk quota exceeded", "unexpected pos"))
+
+
 def atomic_write(path, write):
-    """write(temporary path) in the same directory, then rename over `path`: a crash never leaves half a file."""
+    """write(temporary path) in the same directory, then rename over `path`: a crash never leaves half a file.
+    A full disk is one line (DiskFull) saying that the previous file, if any, is kept as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(str(tmp))
         os.replace(tmp, path)
+    except Exception as e:
+        if not disk_full(e):
+            raise
+        tmp.unlink(missing_ok=True)
+        free = shutil.disk_usage(path.parent).free
+        kept = f"the previous {path.name} there is kept as it was" if path.exists() else "nothing was written there"
+        raise DiskFull(f"the disk is full: could not write {path} ({free / 2 ** 20:.1f} MiB free); {kept}") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_dir(path, write):
+    """write(temporary directory) beside `path`, then swap it in: an interrupted write leaves no half directory at
+    `path` (the temporary one is cleared at the next call). One writer per directory (see lock_dir)."""
+    path = Path(path)
+    tmp, old = path.with_name(f".{path.name}.partial"), path.with_name(f".{path.name}.old")
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    try:
+        write(tmp)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- progress and memory

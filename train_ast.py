@@ -34,9 +34,10 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 import checkpoint
 import data
+import rundir
 import training
 from chunked_loss import head_loss
-from cli import DTYPES, Progress, UserError, autocast, cli_main, parse_config
+from cli import DTYPES, DiskFull, Progress, UserError, atomic_dir, autocast, cli_main, parse_config
 from eval import WikiText2
 from model import Transformer
 from sparsity import check_mask, check_nm, nm_mask, prunable_linears
@@ -314,6 +315,9 @@ def restore(resumed, student, layers, init_masks, batches) -> int:
     return resumed["step"]
 
 
+STATE_KEYS = ("step", "model", "optimizer", "masks", "init_masks", "batches", "rng")  # what restore() reads
+
+
 def save_checkpoint(student, optimizer, layers, init_masks, batches, step, args, master, **extra):
     """Everything a resume needs, written atomically by rank 0: weights, masks, optimizer, data, RNG."""
     model_state = training.model_state(student, args.fsdp)
@@ -322,7 +326,8 @@ def save_checkpoint(student, optimizer, layers, init_masks, batches, step, args,
         training.save_state(Path(args.out) / "state.pt", {
             "step": step, "model": model_state, "optimizer": optim_state,
             "masks": {n: l.mask.cpu() for n, l in layers.items()}, "init_masks": {n: m.cpu() for n, m in init_masks.items()},
-            "batches": batches.state_dict(), "rng": training.rng_state(), **extra})
+            "batches": batches.state_dict(), "rng": training.rng_state(), **rundir.run_record(args, "train_ast"),
+            **extra})
 
 
 def export(student_state: dict, model_args, masks: dict, tokenizer, out_dir, slorb_k, dtype, meta, hf=True):
@@ -344,14 +349,23 @@ def export(student_state: dict, model_args, masks: dict, tokenizer, out_dir, slo
 
 
 def finish(model_state, model_args, layers, tokenizer, wikitext, args, dtype, results, tokens_per_step):
-    """Rank 0: the export (exact 2:4 zeros, our format + HF layout), the plot and the numbers."""
+    """Rank 0: the export (exact 2:4 zeros, our format + HF layout) and the plot, then final/ appears whole (an
+    interrupted export leaves none, and --resume exports again); the numbers."""
     out = Path(args.out)
     meta = {"method": "ast", "sparsity": "2:4", "steps": args.max_steps, "tokens": tokens_per_step * args.max_steps,
             **results, "args": asdict(args)}
-    export(model_state, model_args, {name: layer.mask.cpu() for name, layer in layers.items()}, tokenizer,
-           out / "final", args.slorb_k, dtype, meta)
-    training.plot_log(out / "log.jsonl", out / "log.png", ["loss", "ce", "kl", "ppl", "flip_prev", "flip_init", "lam"],
-                      refs={"ppl": {"dense": results["dense_ppl"], "one-shot 2:4": results["oneshot_ppl"]}})
+
+    def write(final):
+        export(model_state, model_args, {name: layer.mask.cpu() for name, layer in layers.items()}, tokenizer,
+               final, args.slorb_k, dtype, meta)
+        training.plot_log(out / "log.jsonl", out / "log.png", ["loss", "ce", "kl", "ppl", "flip_prev", "flip_init",
+                                                               "lam"],
+                          refs={"ppl": {"dense": results["dense_ppl"], "one-shot 2:4": results["oneshot_ppl"]}})
+    try:
+        atomic_dir(out / "final", write)
+    except DiskFull as e:
+        raise DiskFull(f"{str(e).split(';')[0]}, exporting {out / 'final'}; {out / 'state.pt'} keeps the trained "
+                       f"model: free some space and run again with --resume to export it") from None
     print(f"saved {out / 'final'} (our format{'' if args.slorb_k else ' + hf/'}), log {out / 'log.jsonl'}, "
           f"plot {out / 'log.png'}")
     if wikitext is not None:
@@ -366,11 +380,14 @@ def finish(model_state, model_args, layers, tokenizer, wikitext, args, dtype, re
 
 def main(argv=None):
     args = parse_config(ASTArgs, argv)
+    if args.init_mask and not Path(args.init_mask).is_dir():
+        raise UserError(f"--init-mask {args.init_mask}: no such directory; give the --out of a sparsity.py run with "
+                        f"--sparsity 2:4, or leave --init-mask out for magnitude masks")
     rank, world_size, _, device = training.setup_distributed(args.device)
     master, out = rank == 0, Path(args.out)
     say = print if master else (lambda *a, **k: None)
-    resumed = training.open_run(args, rank)
-    if resumed is not None and resumed["step"] >= args.max_steps:
+    resumed = rundir.open_run(args, "train_ast", STATE_KEYS, {"--ckpt": args.ckpt, "--init-mask": args.init_mask}, rank)
+    if rundir.finished(args, resumed):
         return training.teardown()
     torch.manual_seed(args.seed)
     dtype = training.autocast_dtype(args.autocast, device)
@@ -385,6 +402,7 @@ def main(argv=None):
                                     rank, world_size)
     wikitext = WikiText2(tokenizer, data_dir, args.ppl_seq_len, args.ppl_windows) if args.eval else None
     start_step = restore(resumed, student, layers, init_masks, batches) if resumed is not None else 0
+    rundir.clear_run(args, rank)  # --overwrite: only now that everything the run reads has loaded
 
     if args.activation_checkpointing:
         for block in student.layers:

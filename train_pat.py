@@ -27,8 +27,9 @@ import torch.nn.functional as F
 
 import checkpoint
 import data
+import rundir
 import training
-from cli import Progress, UserError, autocast, cli_main, parse_config
+from cli import DiskFull, Progress, UserError, atomic_dir, autocast, cli_main, parse_config
 from eval import WikiText2
 from pat import (PAT, count_params, init_mask_from_norms, mask_schedule, merge, prune_channels,
                  residual_channel_norms, target_width, top_n)
@@ -68,6 +69,9 @@ class PATArgs(TrainArgs):
     lora_alpha: float = 16.0  # LoRA scale alpha (the update is alpha / r * B A)
     keep_tied: bool = True  # tied embeddings: mask-only embedding HSM so the merged model stays tied
 
+
+
+STATE_KEYS = ("step", "pat", "optimizer", "data", "rng")  # what a resume reads
 
 
 def milestone_of(args) -> int:
@@ -110,7 +114,7 @@ def train_step(net, pat, optimizer, trainable, batches, step, args, device, amp,
                     + args.identity_weight * identity
             (loss / args.grad_accum).backward()
         task_sum = task_sum + task.detach() / args.grad_accum
-    training.check_finite(loss.detach(), step, last_ckpt)
+    training.check_finite(loss.detach(), step + 1, last_ckpt)
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip or float("inf"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -133,15 +137,24 @@ def finish(pat, model, tokenizer, wikitext, args, step, log, refs) -> dict:
     n_before, n_after = count_params(model), count_params(merged)
     print(f"merged: dim {pat.dim} -> {merged.args.dim}, parameters {n_before:,} -> {n_after:,} "
           f"({100 * (1 - n_after / n_before):.1f}% fewer)")
+    log.keep_until(step, drop=lambda record: "ppl_merged" in record)  # an export interrupted before this one
     log.log({"step": step, "ppl": ppl_tuned, "ppl_merged": ppl_merged})
     meta = {"method": "pat", "ratio": args.ratio, "source": args.ckpt, "steps": step, "mask_init": args.mask_init,
             "dim": merged.args.dim, "ppl_wikitext2": ppl_merged, "ppl_unmerged": ppl_tuned,
             "ppl_protocol": wikitext.describe() if wikitext else None, "ppl_windows": args.ppl_windows,
             "ppl_seq_len": args.ppl_seq_len, "refs": refs}
-    checkpoint.save(merged, tokenizer, out / "final", meta=meta)
-    training.plot_log(log.path, out / "log.png", ["loss", "task", "count_loss", "identity", "open", "tau", "ppl", "lr"],
-                      log_keys=("ppl", "tau"), refs={"ppl": {"before tuning": refs.get("dense"), "merged": ppl_merged}},
-                      marks={f"milestone s0 = {pat.milestone}": pat.milestone} if pat.prunes else None)
+
+    def write(final):  # the plot first: final/ appears whole, last (an interrupted export leaves none to resume)
+        checkpoint.save(merged, tokenizer, final, meta=meta)
+        training.plot_log(log.path, out / "log.png", ["loss", "task", "count_loss", "identity", "open", "tau", "ppl",
+                                                      "lr"],
+                          log_keys=("ppl", "tau"), refs={"ppl": {"before tuning": refs.get("dense"), "merged": ppl_merged}},
+                          marks={f"milestone s0 = {pat.milestone}": pat.milestone} if pat.prunes else None)
+    try:
+        atomic_dir(out / "final", write)
+    except DiskFull as e:
+        raise DiskFull(f"{str(e).split(';')[0]}, exporting {out / 'final'}; {out / 'state.pt'} keeps the trained "
+                       f"adapters: free some space and run again with --resume to merge and export them") from None
     print(f"merged model: {out / 'final'} (python eval.py --ckpt {out / 'final'}); log: {log.path}, plot: {out / 'log.png'}")
     return meta
 
@@ -151,18 +164,23 @@ def train(args, rank, world_size, device) -> dict | None:
     (read back if the run had already finished), None on the other ranks."""
     master, out = rank == 0, Path(args.out)
     milestone = milestone_of(args)
-    resumed = training.open_run(args, rank)
-    if resumed is not None and resumed["step"] >= args.max_steps and (out / "final").exists():
+    resumed = rundir.open_run(args, "train_pat", STATE_KEYS, {"--ckpt": args.ckpt}, rank)
+    if rundir.finished(args, resumed):
         return json.loads((out / "final" / "meta.json").read_text()) if master else None  # else: merge again
     torch.manual_seed(args.seed)
     amp = training.autocast_dtype(args.autocast, device)
 
     # on GPU the frozen base is stored in the compute dtype (no fp32 weights cast at every forward); CPU keeps fp32
     model, tokenizer = checkpoint.load(args.ckpt, device=device, dtype=amp if device.type == "cuda" else torch.float32)
+    if args.ratio > 0 and target_width(model.args.dim, args.ratio, args.width_multiple) >= model.args.dim:
+        raise UserError(f"--ratio {args.ratio} with --width-multiple {args.width_multiple} keeps all {model.args.dim} "
+                        f"channels of {args.ckpt}: choose a --width-multiple well below {model.args.dim} (8 is usual) "
+                        f"or a larger --ratio")
     data_dir = data.resolve_data_dir(args.data_dir)
     batches = data.training_batches(args.data, data_dir, tokenizer, args.seq_len, args.batch_size, args.seed,
                                     rank, world_size)
     wikitext = WikiText2(tokenizer, data_dir, args.ppl_seq_len, args.ppl_windows) if args.eval else None
+    rundir.clear_run(args, rank)  # --overwrite: only now that everything the run reads has loaded
     step, last_ckpt, state_path, refs, norms = 0, None, out / "state.pt", {}, None
     log = training.JsonlLog(out / "log.jsonl")
     if master and wikitext and resumed is None:  # before the hooks: --mask-init rms starts off the dense function
@@ -223,7 +241,8 @@ def train(args, rank, world_size, device) -> dict | None:
                 if master:
                     training.save_state(state_path, {"step": step, "pat": pat.trainable_state(),
                                                      "optimizer": optimizer.state_dict(), "data": batches.state_dict(),
-                                                     "rng": training.rng_state(), "refs": refs, "args": asdict(args)})
+                                                     "rng": training.rng_state(), "refs": refs, "args": asdict(args),
+                                                     **rundir.run_record(args, "train_pat")})
                 last_ckpt = state_path
             if stopping and step < args.max_steps:
                 stop.stop(step, args)

@@ -14,7 +14,6 @@ import math
 import os
 import random
 import shlex
-import shutil
 import signal
 import sys
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cli import DTYPES, Device, UserError, atomic_write, check_output_dir, resolve_device
+from cli import DTYPES, Device, DiskFull, UserError, atomic_write, disk_full, release_locks, resolve_device
 
 
 @dataclass
@@ -210,8 +209,16 @@ def load_optimizer_state(model, optimizer, state: dict, fsdp=False):
 
 
 def save_state(path, state: dict):
-    """torch.save atomically: a temp file in the same directory, then os.replace (never a torn file)."""
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    """torch.save atomically: a temp file in the same directory, then os.replace (never a torn file). A full disk is
+    one line saying that the previous checkpoint, if any, is intact."""
+    path = Path(path)
+    try:
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+    except DiskFull as e:
+        kept = (f"{path} still holds the last good checkpoint: free some space, then continue with --resume"
+                if path.exists() else "no checkpoint was written yet: free some space and start again")
+        raise DiskFull(f"{str(e).split(';')[0]}: the checkpoint of step {state.get('step')} was not saved; "
+                       f"{kept}") from None
 
 
 def load_state(path) -> dict:
@@ -222,40 +229,8 @@ def load_state(path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, bad pickle, a global that weights_only refuses
-        raise UserError(f"--resume: cannot read {path} ({type(e).__name__}); it is truncated or not ours: "
-                        f"start the run again without --resume") from None
-
-
-RUN_FILES = ("state.pt", "log.jsonl", "log.png", "final")  # what a run writes into --out
-
-
-def open_run(args, rank=0):
-    """The state to resume (--resume), or None for a fresh run. A fresh run never writes into a --out that
-    holds anything unless --overwrite, which deletes the run's own files first; a resumed run cuts its log
-    back to the checkpoint's step, so a log never splices two runs; a finished run is reported (the caller
-    then stops and every result file stays as it was)."""
-    out = Path(args.out)
-    if args.resume:
-        state = load_state(out / "state.pt")
-        if state["step"] >= args.max_steps:
-            if rank == 0:
-                print(f"{out} already finished {state['step']} of --max-steps {args.max_steps}; its results are in "
-                      f"{out / 'final'}. Nothing to do (raise --max-steps to train on).")
-        elif rank == 0:
-            JsonlLog(out / "log.jsonl").keep_until(state["step"])
-            print(f"resuming from {out / 'state.pt'} at step {state['step']}")
-        return state
-    check_output_dir(out, args.overwrite, resumable=True)
-    if args.overwrite and rank == 0:
-        for name in RUN_FILES:
-            path = out / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
-    if dist.is_initialized():
-        dist.barrier()  # no rank starts writing before rank 0 has cleared the directory
-    return None
+        raise UserError(f"--resume: cannot read {path} ({type(e).__name__}); it is truncated or not ours: start the "
+                        f"run again with --overwrite instead of --resume (it replaces {path.parent})") from None
 
 
 class StopRequest:
@@ -292,7 +267,7 @@ class StopRequest:
         self.restore()
         world_size = dist.get_world_size() if dist.is_initialized() else 1
         launcher = f"torchrun --nproc_per_node {world_size}" if world_size > 1 else "python"
-        command = " ".join(shlex.quote(a) for a in sys.argv if a != "--resume")
+        command = " ".join(shlex.quote(a) for a in sys.argv if a not in ("--resume", "--overwrite"))  # never both
         teardown()
         raise UserError(f"stopped by {self.name or 'a signal on another rank'} after step {step}; "
                         f"{Path(args.out) / 'state.pt'} holds it; continue with: {launcher} {command} --resume")
@@ -327,15 +302,38 @@ class JsonlLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def log(self, record: dict):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = (json.dumps(record) + "\n").encode()
+        size = self.path.stat().st_size if self.path.exists() else 0
+        try:
+            with open(self.path, "ab", buffering=0) as f:
+                while line:
+                    line = line[f.write(line):]
+        except OSError as e:
+            if not disk_full(e):
+                raise
+            os.truncate(self.path, size)  # no half record
+            state = self.path.parent / "state.pt"
+            kept = (f"{state} still holds the last good checkpoint: free some space, then continue with --resume"
+                    if state.exists() else "no checkpoint was written yet: free some space and start again")
+            raise DiskFull(f"the disk is full: could not append to {self.path} (it keeps every earlier record); "
+                           f"{kept}") from None
 
-    def keep_until(self, step):
-        """Drop the records after `step` (written after the checkpoint a resumed run starts from)."""
-        if self.path.exists():
-            lines = [line for line in self.path.read_text().splitlines(keepends=True)
-                     if json.loads(line)["step"] <= step]
-            atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(lines)))
+    def keep_until(self, step, drop=None):
+        """Drop the records after `step` (written after the checkpoint a resumed run starts from), and those that
+        drop(record) names."""
+        if not self.path.exists():
+            return
+        lines, kept = self.path.read_text().splitlines(keepends=True), []
+        for number, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if number == len(lines):  # a torn last record (a crash mid-write) was never a whole step's
+                    break
+                raise UserError(f"{self.path}:{number} is not a JSON record; delete that line and --resume again")
+            if record["step"] <= step and not (drop and drop(record)):
+                kept.append(line if line.endswith("\n") else line + "\n")
+        atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(kept)))
 
 
 def plot_log(jsonl_path, png_path, keys, log_keys=("ppl",), refs=None, marks=None):
@@ -354,13 +352,20 @@ def plot_log(jsonl_path, png_path, keys, log_keys=("ppl",), refs=None, marks=Non
         r = json.loads(line)
         records.setdefault(r["step"], {}).update(r)
     steps = sorted(records)
-    keys = [k for k in keys if any(k in records[s] for s in steps)]
+
+    def plotted(key, s):  # a value that can be drawn: finite, and positive on a log axis
+        v = records[s].get(key)
+        return isinstance(v, (int, float)) and math.isfinite(v) and (v > 0 or key not in log_keys)
+    keys = [k for k in keys if any(plotted(k, s) for s in steps)]  # an empty series gets no panel
+    if not keys:
+        print(f"no plot {png_path}: nothing was logged to draw")
+        return
     fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.2 * len(keys)), sharex=True, squeeze=False)
     for ax, key in zip(axes[:, 0], keys):
-        xs = [s for s in steps if records[s].get(key) is not None]
+        xs = [s for s in steps if plotted(key, s)]
         ax.plot(xs, [records[s][key] for s in xs], marker="o" if len(xs) < 30 else None, markersize=3)
         for (label, value), color in zip(((refs or {}).get(key) or {}).items(), ("tab:green", "tab:red")):
-            if value is not None:
+            if value is not None and math.isfinite(value) and (value > 0 or key not in log_keys):
                 ax.axhline(value, color=color, linestyle="--", linewidth=1, label=f"{label} {value:.4g}")
         for label, step in (marks or {}).items():
             ax.axvline(step, color="gray", linestyle=":", linewidth=1, label=label if key == keys[0] else None)
@@ -372,7 +377,7 @@ def plot_log(jsonl_path, png_path, keys, log_keys=("ppl",), refs=None, marks=Non
         ax.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("step")
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
+    atomic_write(png_path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
 
 
@@ -404,15 +409,19 @@ def plot_curves(curves, png_path, xlabel, ylabel, hlines=None, vlines=None):
 
 
 def check_finite(loss, step, last_ckpt):
-    """Stop on NaN/inf loss with one line that names the last good checkpoint."""
+    """Stop on NaN/inf loss with one line that names the last good checkpoint (or says there is none)."""
     value = float(loss)
     if not math.isfinite(value):
-        raise UserError(f"loss is {value} at step {step}; last good checkpoint: {last_ckpt or 'none yet'}"
-                        f" (lower --lr or raise --warmup-steps, then --resume)")
+        if last_ckpt:
+            raise UserError(f"loss is {value} at step {step}; last good checkpoint: {last_ckpt} (lower --lr or raise "
+                            f"--warmup-steps, then --resume)")
+        raise UserError(f"loss is {value} at step {step}, before any checkpoint, so there is nothing to resume: lower "
+                        f"--lr or raise --warmup-steps and start again with --overwrite")
 
 
 def teardown():
-    """End a torchrun run cleanly on every rank."""
+    """End a run cleanly on every rank: the process group, then the lock on --out."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    release_locks()

@@ -118,7 +118,8 @@ def test_nan_loss_stops_with_the_last_checkpoint(tiny_run, monkeypatch):
     # a NaN learning rate (the flag refuses one): step 1 computes a finite loss and writes NaN weights,
     # so step 2's loss is NaN
     monkeypatch.setattr(training, "lr_at", lambda step, args: float("nan"))
-    with pytest.raises(UserError, match="loss is nan at step 2; last good checkpoint: none yet"):
+    with pytest.raises(UserError, match="loss is nan at step 2, before any checkpoint, so there is nothing to resume: "
+                                        ".* start again with --overwrite"):
         train_ast.main(run_args(tiny_run, tiny_run / "nan", "--ckpt-interval", "0"))
 
 
@@ -321,3 +322,129 @@ def test_fsdp_state_pt_holds_the_full_optimizer_state(fsdp_runs):
     m = moments["layers.0.attention.wq.weight"]["exp_avg"]
     assert not torch.equal(m[: len(m) // 2], m[len(m) // 2 :])
 
+
+
+# ----------------------------------------------------------------------------- what a user types: exports, resume
+# flags, a full disk, a second run
+
+def names(out) -> list:
+    """The files of a run directory, but the lock file of a run this process still holds (cli_main would release it)."""
+    return sorted(p.name for p in Path(out).iterdir() if p.name != ".lock")
+
+
+def files_of(out) -> dict:
+    return {p: p.read_bytes() for p in Path(out).rglob("*") if p.is_file() and p.name != ".lock"}
+
+
+def test_an_interrupted_export_leaves_no_final_and_resume_exports_it(tiny_run, monkeypatch, capsys):
+    """Ctrl-C while final/ is written: no final/ at all (not a half one), and --resume exports it again rather than
+    call the run finished; the export equals an uninterrupted run's."""
+    import checkpoint
+    monkeypatch.chdir(tiny_run)
+    train_ast.main(run_args(tiny_run, tiny_run / "whole", "--no-eval"))
+    real_export_hf = checkpoint.export_hf
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(checkpoint, "export_hf", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_ast.main(run_args(tiny_run, tiny_run / "cut", "--no-eval"))
+    assert names(tiny_run / "cut") == ["log.jsonl", "state.pt"]
+    monkeypatch.setattr(checkpoint, "export_hf", real_export_hf)
+    capsys.readouterr()
+    train_ast.main(run_args(tiny_run, tiny_run / "cut", "--no-eval", "--resume"))
+    assert "final is missing (an interrupted export): exporting again" in capsys.readouterr().out
+    a, b = weights(tiny_run / "whole"), weights(tiny_run / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a) and (tiny_run / "cut" / "final" / "hf").is_dir()
+    assert names(tiny_run / "cut") == ["final", "log.jsonl", "log.png", "state.pt"]
+
+
+def test_resume_with_a_changed_defining_flag_is_refused_on_a_real_run(tiny_run, monkeypatch):
+    """train_ast stores its kind and flags in state.pt: --seq-len 64 and --ppl-seq-len 64 on a 32 run are named;
+    --max-steps may change."""
+    from cli import UserError
+    monkeypatch.chdir(tiny_run)
+    out = tiny_run / "flags"
+    train_ast.main(run_args(tiny_run, out, "--max-steps", "2", "--ckpt-interval", "1", "--ppl-windows", "1"))
+    before = files_of(out)
+    with pytest.raises(UserError, match="was started with --seq-len 32, --ppl-seq-len 32, not --seq-len 64, "
+                                        "--ppl-seq-len 64; these flags define the run"):
+        train_ast.main(run_args(tiny_run, out, "--max-steps", "3", "--ppl-windows", "1", "--resume", "--seq-len", "64",
+                                "--ppl-seq-len", "64"))
+    assert files_of(out) == before
+    train_ast.main(run_args(tiny_run, out, "--max-steps", "3", "--ppl-windows", "1", "--resume"))
+    assert training.load_state(out / "state.pt")["step"] == 3
+
+
+def torch_save_short_write(obj, path):
+    """What torch.save raises when the disk fills mid-file: no errno, only a position mismatch."""
+    Path(path).write_bytes(b"PK partial")
+    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+
+def safetensors_full(path):
+    Path(path).write_bytes(b"partial")
+    raise Exception("Error while serializing: I/O error: No space left on device (os error 28)")  # SafetensorError
+
+
+def test_a_full_disk_says_so_and_keeps_the_last_checkpoint_then_resumes(tiny_run, monkeypatch):
+    """The disk fills while step 6's checkpoint is written, then while final/ is written: one line each naming what
+    was kept (state.pt of step 3, then of step 6), and --resume finishes the run equal to an undisturbed one."""
+    import checkpoint
+    from cli import UserError
+    monkeypatch.chdir(tiny_run)
+    train_ast.main(run_args(tiny_run, tiny_run / "roomy", "--no-eval", "--ckpt-interval", "3"))
+    out, real_save = tiny_run / "full", torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: torch_save_short_write(obj, f)
+                        if isinstance(obj, dict) and obj.get("step") == 6 else real_save(obj, f, *a, **k))
+    with pytest.raises(UserError, match=f"^the disk is full: could not write {out / 'state.pt'} .*: the checkpoint of "
+                                        f"step 6 was not saved; {out / 'state.pt'} still holds the last good checkpoint"):
+        train_ast.main(run_args(tiny_run, out, "--no-eval", "--ckpt-interval", "3"))
+    assert training.load_state(out / "state.pt")["step"] == 3
+    monkeypatch.setattr(torch, "save", real_save)
+    real_save_file = checkpoint.save_file
+    monkeypatch.setattr(checkpoint, "save_file", lambda tensors, path, *a, **k: safetensors_full(path))
+    with pytest.raises(UserError, match=f"^the disk is full: could not write .*model.safetensors .*, exporting "
+                                        f"{out / 'final'}; {out / 'state.pt'} keeps the trained model: free some space "
+                                        "and run again with --resume to export it$"):
+        train_ast.main(run_args(tiny_run, out, "--no-eval", "--ckpt-interval", "3", "--resume"))
+    assert training.load_state(out / "state.pt")["step"] == 6
+    assert names(out) == ["log.jsonl", "state.pt"]
+    monkeypatch.setattr(checkpoint, "save_file", real_save_file)
+    train_ast.main(run_args(tiny_run, out, "--no-eval", "--ckpt-interval", "3", "--resume"))
+    a, b = weights(tiny_run / "roomy"), weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (out / "log.jsonl").read_text() == (tiny_run / "roomy" / "log.jsonl").read_text()
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared/data")
+def test_two_ranks_into_a_locked_out_stop_at_once_with_one_line_from_rank_0(tiny_run, tmp_path):
+    """Rank 0 alone takes the lock (a second rank taking it would find rank 0's and fail every run) and tells the
+    others: with another run holding --out, both ranks exit 1 at once, rank 0 with the line naming that run's pid,
+    rank 1 silent. Launched as a scheduler does (RANK, WORLD_SIZE in each process's environment, no torchrun agent
+    to kill a rank left waiting at a barrier)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); import cli; "
+                               "cli.lock_dir(sys.argv[2]); print('locked', flush=True); time.sleep(300)",
+                               str(ROOT), str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        ranks = [subprocess.Popen([sys.executable, str(ROOT / "train_ast.py"), *run_args(tiny_run, out, "--device", "cpu")],
+                                  cwd=tiny_run, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "RANK": str(r),
+                                       "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                                       "MASTER_PORT": "29571"}) for r in range(2)]
+        try:
+            said = [rank.communicate(timeout=90) for rank in ranks]
+        finally:
+            for rank in ranks:
+                rank.kill()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert [rank.returncode for rank in ranks] == [1, 1]
+    assert said[0][1] == f"error: --out {out} is in use by another run (pid {holder.pid}); wait for it to end, or " \
+                         f"choose another --out\n"
+    assert said[1][1] == "" and said[1][0] == "" and said[0][0] == ""
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # the holder's, left by its SIGKILL; nothing of ours

@@ -232,3 +232,147 @@ def test_cli_main_turns_a_user_error_into_one_line_and_exit_1(capsys):
     assert ran == [1]
     with pytest.raises(ValueError):  # a bug is not bad input: its traceback stays
         cli_main(lambda: int("x"))
+
+
+# ----------------------------------------------------------------------------- bad values and output places
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_a_non_finite_number_is_refused_by_name(value):
+    """inf passes `> 0` and nan fails every test without saying why: both are refused as not finite, range or not."""
+    with pytest.raises(UserError, match=rf"^--lr {value}: must be a finite number$"):
+        parse_config(Sub, [f"--lr={value}"])
+    @dataclass
+    class Free:
+        scale: float = 1.0  # a float with no range
+    with pytest.raises(UserError, match=rf"^--scale {value}: must be a finite number$"):
+        parse_config(Free, [f"--scale={value}"])
+
+
+def test_check_output_file_tests_the_place_and_leaves_nothing(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    for path, says in ((tmp_path, "it is a directory"), (tmp_path / "afile" / "r.json", "afile is a file"),
+                       (tmp_path / "afile" / "deeper" / "r.json", "afile is a file"),
+                       (Path("/proc/r.json"), "cannot write /proc/r.json: .* in /proc")):
+        with pytest.raises(UserError, match=says):
+            check_output_file(path)
+    with pytest.raises(UserError, match=f"^cannot write --json {tmp_path}: it is a directory"):
+        check_output_file(tmp_path, flag="--json")
+    assert check_output_file(tmp_path / "r.json") == tmp_path / "r.json"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # no probe file, no output file left
+
+
+def test_check_output_file_reports_an_unwritable_directory(tmp_path, monkeypatch):
+    """Root writes anywhere chmod allows; a refusing filesystem is simulated."""
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(Path, "touch", refuse)
+    with pytest.raises(UserError, match=f"cannot write {tmp_path / 'r.json'}: permission denied in {tmp_path}"):
+        check_output_file(tmp_path / "r.json")
+    with pytest.raises(UserError, match=f"cannot write --out {tmp_path / 'run'}: permission denied"):
+        cli.check_output_dir(tmp_path / "run")
+
+
+def test_check_output_dir_makes_and_tests_the_directory(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    for path, says in ((tmp_path / "afile", "--out .*afile is a file; --out is a directory"),
+                       (tmp_path / "afile" / "sub", "cannot create --out .*afile/sub: .*afile is a file"),
+                       (Path("/proc/x"), "cannot create --out /proc/x: no such file or directory"),
+                       (Path("/proc/self/x/y"), "cannot create --out /proc/self/x/y")):
+        with pytest.raises(UserError, match=says):
+            cli.check_output_dir(path)
+    made = cli.check_output_dir(tmp_path / "new" / "run")
+    assert made.is_dir() and list(made.iterdir()) == []  # made, tested, nothing left in it
+    (made / cli.LOCK_FILE).write_text("123\n")  # a run's lock file is not content
+    assert cli.check_output_dir(made) == made
+    (made / "state.pt").write_text("x")
+    with pytest.raises(UserError, match="already holds state.pt: choose another --out"):
+        cli.check_output_dir(made)
+
+
+LOCK_HOLDER = ("import sys, time; sys.path.insert(0, {root!r}); import cli; cli.lock_dir({path!r}); "
+               "print('locked', flush=True); time.sleep(120)")
+
+
+def test_lock_dir_names_the_other_process_and_a_dead_ones_lock_never_blocks(tmp_path):
+    import subprocess
+    import sys
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER.format(root=str(Path(cli.__file__).parent),
+                                                                          path=str(run))],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(UserError, match=rf"^--out {run} is in use by another run \(pid {holder.pid}\); wait"):
+            cli.lock_dir(run)
+    finally:
+        holder.kill()  # SIGKILL: no clean-up, its pid file stays
+        holder.wait()
+    assert (run / cli.LOCK_FILE).read_text().strip() == str(holder.pid)  # stale
+    cli.lock_dir(run)
+    cli.lock_dir(run)  # re-entrant within a process
+    assert (run / cli.LOCK_FILE).read_text().strip() == str(__import__("os").getpid())
+    cli.release_locks()
+    assert not (run / cli.LOCK_FILE).exists()
+
+
+# ----------------------------------------------------------------------------- a full disk
+
+def torch_save_short_write(obj, path):
+    """What torch.save raises when the disk fills mid-file: no errno, only a position mismatch."""
+    Path(path).write_bytes(b"PK partial")
+    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+
+def safetensors_full(path):
+    Path(path).write_bytes(b"partial")
+    raise Exception("Error while serializing: I/O error: No space left on device (os error 28)")  # SafetensorError
+
+
+def oserror_full(path):
+    Path(path).write_bytes(b"partial")
+    raise OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize("write", [lambda p: torch_save_short_write({}, p), safetensors_full, oserror_full],
+                         ids=["torch.save", "safetensors", "OSError"])
+def test_atomic_write_on_a_full_disk_is_one_line_and_keeps_the_previous_file(tmp_path, write):
+    path = tmp_path / "f.bin"
+    with pytest.raises(cli.DiskFull, match=rf"^the disk is full: could not write {path} \(.* MiB free\); nothing was "
+                                           "written there$"):
+        atomic_write(path, write)
+    atomic_write(path, lambda p: Path(p).write_text("good"))
+    with pytest.raises(cli.DiskFull, match="the previous f.bin there is kept as it was$"):
+        atomic_write(path, write)
+    assert path.read_text() == "good" and [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+    with pytest.raises(RuntimeError, match="unrelated"):  # any other failure is not called a full disk
+        atomic_write(path, lambda p: (_ for _ in ()).throw(RuntimeError("unrelated")))
+
+
+def test_cli_main_reports_a_full_disk_anywhere_as_one_line(capsys):
+    def full():
+        raise OSError(28, "No space left on device", "out/log.jsonl")
+    with pytest.raises(SystemExit) as e:
+        cli_main(full)
+    assert e.value.code == 1
+    assert capsys.readouterr().err == "error: the disk is full writing out/log.jsonl; free some space and run again\n"
+    with pytest.raises(OSError):  # another OSError is a bug or a setup problem: its traceback stays
+        cli_main(lambda: (_ for _ in ()).throw(OSError(5, "Input/output error")))
+
+
+def test_atomic_dir_appears_whole_or_not_at_all(tmp_path):
+    final = tmp_path / "final"
+
+    def interrupted(d):
+        d.mkdir()
+        (d / "a").write_text("new")
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        cli.atomic_dir(final, interrupted)
+    assert list(tmp_path.iterdir()) == []  # no final/, no temporary folder
+    cli.atomic_dir(final, lambda d: (d.mkdir(), (d / "a").write_text("one")))
+    with pytest.raises(KeyboardInterrupt):
+        cli.atomic_dir(final, interrupted)
+    assert (final / "a").read_text() == "one" and [p.name for p in tmp_path.iterdir()] == ["final"]
+    cli.atomic_dir(final, lambda d: (d.mkdir(), (d / "b").write_text("two")))
+    assert [p.name for p in final.iterdir()] == ["b"] and [p.name for p in tmp_path.iterdir()] == ["final"]

@@ -11,7 +11,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MAX_LINES = 500
 
-TRAINER_MAY_IMPORT = {"cli", "model", "tokenizer", "checkpoint", "data", "training", "eval", "sparsity", "chunked_loss"}
+TRAINER_MAY_IMPORT = {"cli", "model", "tokenizer", "checkpoint", "data", "training", "rundir", "eval", "sparsity",
+                      "chunked_loss"}
 ALLOWED = {  # module -> the project modules it may import
     # the bottom: import nothing of ours
     "cli": set(),
@@ -25,6 +26,7 @@ ALLOWED = {  # module -> the project modules it may import
     "data": {"cli"},
     # shared machinery, evaluation, pruning
     "training": {"cli", "data", "checkpoint", "model"},
+    "rundir": {"cli", "training"},  # a trainer's --out: checks, lock, resume against state.pt
     "eval": {"cli", "data", "model", "checkpoint"},
     "obs": {"cli", "packed"},  # the OBS column walk of SparseGPT and GPTQ
     "sparsity": {"cli", "data", "model", "eval", "checkpoint", "obs"},

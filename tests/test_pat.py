@@ -502,3 +502,71 @@ def test_merged_model_exports_to_hugging_face(tmp_path, keep_tied):
         hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float32).eval()
         out = hf(x).logits
     assert (ref - out).abs().max() < 1e-4 * ref.abs().max()
+
+
+# ----------------------------------------------------------------------------- what a user types
+
+@pytest.fixture
+def pat_run(tmp_path, data_dir, monkeypatch):
+    """pat_run(out, *flags): train_pat.main on a tiny tied checkpoint for 4 steps, in tmp_path."""
+    import checkpoint
+    checkpoint.save(tiny(tie=True), byte_tokenizer(), tmp_path / "tiny")
+    text = tmp_path / "train.txt"
+    text.write_text(" ".join(f"word{i % 37} is number {i}." for i in range(3000)))
+    monkeypatch.chdir(tmp_path)
+
+    def run(out, *flags):
+        return train_pat.main(["--ckpt", str(tmp_path / "tiny"), "--data", str(text), "--data-dir", str(data_dir),
+                               "--max-steps", "4", "--milestone", "2", "--batch-size", "2", "--seq-len", "32",
+                               "--ppl-windows", "1", "--ppl-seq-len", "64", "--hsm-rank", "4", "--lora-rank", "4",
+                               "--warmup-steps", "1", "--log-interval", "1", "--out", str(out), *flags])
+    return run
+
+
+@pytest.mark.parametrize("flags", [["--no-eval"], ["--lora-rank", "0", "--hsm-rank", "0", "--baseline", "none"],
+                                   ["--ratio", "0.999", "--baseline", "none"]],
+                         ids=["no-eval", "no-adapters", "ratio-0.999"])
+def test_runs_with_empty_plot_series_end_with_a_plot(pat_run, tmp_path, flags, capsys):
+    """--no-eval logs no perplexity (the log axis had no positive value and matplotlib raised after the save); the
+    others log series that may be empty or zero: every such run ends with its model and a plot."""
+    pat_run(tmp_path / "run", *flags)
+    assert (tmp_path / "run" / "final" / "model.safetensors").exists() and (tmp_path / "run" / "log.png").exists()
+
+
+def test_a_width_multiple_that_keeps_every_channel_is_one_line(pat_run, tmp_path):
+    from cli import UserError
+    with pytest.raises(UserError, match="^--ratio 0.25 with --width-multiple 1000 keeps all 64 channels of .*tiny: "
+                                        "choose a --width-multiple well below 64"):
+        pat_run(tmp_path / "wide", "--width-multiple", "1000")
+    assert [p.name for p in (tmp_path / "wide").iterdir() if p.name != ".lock"] == []
+
+
+def test_an_interrupted_merge_export_is_redone_on_resume(pat_run, tmp_path, monkeypatch, capsys):
+    """Ctrl-C while final/ is written: no final/, and --resume merges and exports again (one ppl_merged record)."""
+    import checkpoint
+    pat_run(tmp_path / "whole", "--baseline", "none")
+    real_save = checkpoint.save
+
+    def interrupted(model, tokenizer, out, **kwargs):
+        real_save(model, tokenizer, out, **kwargs)
+        raise KeyboardInterrupt  # after final's files, before the plot and the rename
+    monkeypatch.setattr(checkpoint, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pat_run(tmp_path / "cut", "--baseline", "none")
+    assert sorted(p.name for p in (tmp_path / "cut").iterdir() if p.name != ".lock") == ["log.jsonl", "state.pt"]
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    capsys.readouterr()
+    pat_run(tmp_path / "cut", "--baseline", "none", "--resume")
+    assert "exporting again" in capsys.readouterr().out
+    from safetensors.torch import load_file
+    a, b = (load_file(str(tmp_path / run / "final" / "model.safetensors")) for run in ("whole", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert open(tmp_path / "cut" / "log.jsonl").read() == open(tmp_path / "whole" / "log.jsonl").read()
+
+
+def test_resume_with_another_ratio_is_refused_and_names_it(pat_run, tmp_path):
+    """train_pat stores its kind and flags: --ratio 0.5 on a 0.25 run trained 48 channels and would record 0.5."""
+    from cli import UserError
+    pat_run(tmp_path / "r", "--baseline", "none", "--ckpt-interval", "2", "--max-steps", "3", "--milestone", "1")
+    with pytest.raises(UserError, match="was started with --ratio 0.25, not --ratio 0.5; these flags define the run"):
+        pat_run(tmp_path / "r", "--baseline", "none", "--ratio", "0.5", "--resume", "--milestone", "1")

@@ -55,9 +55,94 @@ def test_log_plot_progress_and_nan_stop(tmp_path):
     p = Progress("step", 100)
     line = p.line(10, tokens=1000, loss=2.5, kl=None, lr=1e-4)
     assert line.startswith("step 10/100 | loss 2.5 lr 0.0001 |") and "tok/s" in line and "ETA" in line
-    with pytest.raises(UserError, match="loss is nan at step 7; last good checkpoint: out/x/state.pt"):
+    with pytest.raises(UserError, match=r"loss is nan at step 7; last good checkpoint: out/x/state.pt \(lower --lr .*"
+                                        "then --resume"):
         training.check_finite(torch.tensor(math.nan), 7, "out/x/state.pt")
+    with pytest.raises(UserError, match="loss is inf at step 2, before any checkpoint, so there is nothing to resume: "
+                                        "lower --lr or raise --warmup-steps and start again with --overwrite$"):
+        training.check_finite(torch.tensor(math.inf), 2, None)
     training.check_finite(torch.tensor(1.0), 7, None)
+
+
+def test_the_stop_line_continues_with_resume_never_with_overwrite(monkeypatch):
+    """A run started with --overwrite and stopped by a signal: the command it prints must not pass both flags."""
+    monkeypatch.setattr("sys.argv", ["train_ast.py", "--out", "o", "--overwrite", "--max-steps", "9"])
+    stop = training.StopRequest()
+    stop.name, stop.previous = "SIGTERM", {}
+    with pytest.raises(UserError, match=r"continue with: python train_ast.py --out o --max-steps 9 --resume$"):
+        stop.stop(3, TrainArgs(out="o"))
+
+
+def test_a_resumed_log_drops_a_torn_last_record_and_names_a_damaged_one(tmp_path):
+    """A crash mid-write leaves half a record at the end: the resume's cut drops it (it was a JSONDecodeError)."""
+    log = training.JsonlLog(tmp_path / "log.jsonl")
+    for step in (1, 2, 3):
+        log.log({"step": step, "loss": 1.0})
+    with open(log.path, "a") as f:
+        f.write('{"step": 4, "lo')
+    log.keep_until(2)
+    assert [json.loads(line)["step"] for line in open(log.path)] == [1, 2]
+    log.path.write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')
+    with pytest.raises(UserError, match=f"^{log.path}:2 is not a JSON record; delete that line and --resume again$"):
+        log.keep_until(3)
+
+
+def test_plot_log_skips_empty_series_and_draws_nothing_it_cannot(tmp_path, monkeypatch, capsys):
+    """--no-eval logs ppl: null, a lost log axis has no positive value: such a series gets no panel (matplotlib
+    raised on the log axis); with nothing at all to draw there is no plot and one line says so."""
+    import matplotlib.pyplot as plt
+    log = training.JsonlLog(tmp_path / "log.jsonl")
+    log.log({"step": 0, "ppl": None, "dense_ppl": None})
+    for step in (1, 2):
+        log.log({"step": step, "loss": 2.0 / step, "tau": 0.0, "ce": float("nan")})
+    log.log({"step": 2, "ppl": None, "ppl_merged": None})
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    training.plot_log(log.path, tmp_path / "log.png", ["loss", "ppl", "tau", "ce"], log_keys=("ppl", "tau"),
+                      refs={"ppl": {"dense": None, "merged": float("nan")}})
+    assert [ax.get_ylabel() for ax in figures[0].axes] == ["loss"] and (tmp_path / "log.png").stat().st_size > 0
+    training.plot_log(log.path, tmp_path / "none.png", ["ppl", "tau"], log_keys=("ppl", "tau"))
+    assert not (tmp_path / "none.png").exists() and "no plot" in capsys.readouterr().out
+
+
+def test_a_full_disk_keeps_the_last_checkpoint_and_every_earlier_log_record(tmp_path, monkeypatch):
+    def torch_save_short_write(obj, path):  # torch.save on a full disk: no errno, only a position mismatch
+        Path(path).write_bytes(b"PK partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+    path = tmp_path / "state.pt"
+    monkeypatch.setattr(torch, "save", torch_save_short_write)
+    with pytest.raises(UserError, match="^the disk is full: could not write .*state.pt .*: the checkpoint of step 3 "
+                                        "was not saved; no checkpoint was written yet: free some space and start again$"):
+        training.save_state(path, {"step": 3})
+    monkeypatch.undo()
+    training.save_state(path, {"step": 3})
+    monkeypatch.setattr(torch, "save", torch_save_short_write)
+    with pytest.raises(UserError, match=f"step 6 was not saved; {path} still holds the last good checkpoint: free some "
+                                        "space, then continue with --resume$"):
+        training.save_state(path, {"step": 6})
+    assert training.load_state(path)["step"] == 3 and sorted(p.name for p in tmp_path.iterdir()) == ["state.pt"]
+    log = training.JsonlLog(tmp_path / "log.jsonl")
+    log.log({"step": 1, "loss": 2.0})
+    import builtins
+    real_open = builtins.open
+
+    class HalfWrite:  # writes half of what it is given, then the disk is full
+        def __init__(self, f):
+            self.f = f
+        def write(self, b):
+            if len(b) > 4:
+                return self.f.write(b[: len(b) // 2])
+            raise OSError(28, "No space left on device")
+        def __enter__(self):
+            return self
+        def __exit__(self, *exc):
+            self.f.close()
+    monkeypatch.setattr(builtins, "open", lambda p, mode="r", *a, **k: HalfWrite(real_open(p, mode, *a, **k))
+                        if "a" in mode else real_open(p, mode, *a, **k))
+    with pytest.raises(UserError, match=f"could not append to {log.path} .*; {path} still holds the last good"):
+        log.log({"step": 2, "loss": 1.0})
+    monkeypatch.undo()
+    assert [json.loads(line) for line in open(log.path)] == [{"step": 1, "loss": 2.0}]  # no half record
 
 
 def test_plot_log_axis_reference_lines_and_points_only_where_logged(tmp_path, monkeypatch):
