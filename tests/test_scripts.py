@@ -148,7 +148,6 @@ def test_baselines_table_checks_names_and_its_table_before_the_model_loads(tmp_p
     assert bench_error("baselines_table.py", *argv) == (
         f"error: {table} already holds a table: continue it with --resume, replace it with --overwrite, or choose "
         f"another --out")
-    assert "cannot resume" in bench_error("baselines_table.py", *argv, "--resume")
     assert table.read_text() == '{"an earlier": "table"}'
     assert "unknown checkpoint" in bench_error("baselines_table.py", *argv, "--overwrite")  # now it loads
 
@@ -175,8 +174,6 @@ def test_baselines_table_resumes_only_its_own_protocol(tmp_path, data_dir):
 @pytest.mark.parametrize("argv, says", [
     (["--ratio", "1.5"], "--ratio 1.5: must be in [0, 1)"),
     (["--shapes", "1x0"], "--shapes 1x0: batch and length must be positive, e.g. 1x128"),
-    (["--shapes", "4*128"], "--shapes item '4*128': write batch x length, e.g. 1x128,4x128"),
-    (["--decode-steps", "0"], "--decode-steps 0: must be positive"),
     (["--ckpt", "/no/model"], "unknown checkpoint '/no/model'"),
 ])
 def test_bench_pat_speed_bad_flags_are_one_line(argv, says):
