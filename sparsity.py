@@ -98,10 +98,10 @@ def sparsity_str(sparsity) -> str:
 SHORT = {p.split(".")[-1]: p for p in PROJECTIONS}  # wq -> attention.wq ... (the names --layers takes)
 
 
-def parse_layers(layers_filter: str) -> "tuple[set[int], set[str]]":
-    """--layers "0-3,10,wq" -> ({0, 1, 2, 3, 10}, {"attention.wq"}): block indices and projection names."""
+def parse_layers(layers_filter: str) -> "tuple[list[tuple[int, int]], set[str]]":
+    """--layers "0-3,10,wq" -> ([(0, 3), (10, 10)], {"attention.wq"}): block ranges and projection names."""
     usage = f"use block indices/ranges (0-3,7) or projection names ({','.join(SHORT)})"
-    blocks, projs = set(), set()
+    blocks, projs = [], set()
     for item in layers_filter.replace(" ", "").split(","):
         if item in SHORT:
             projs.add(SHORT[item])
@@ -112,7 +112,7 @@ def parse_layers(layers_filter: str) -> "tuple[set[int], set[str]]":
                 raise UserError(f"bad --layers item {item!r}: {usage}") from None
             if lo > hi:
                 raise UserError(f"bad --layers item {item!r}: a range runs from low to high; {usage}")
-            blocks.update(range(lo, hi + 1))
+            blocks.append((lo, hi))
     if not blocks and not projs:
         raise UserError(f"--layers {layers_filter!r} names no layer: {usage}")
     return blocks, projs
@@ -126,11 +126,12 @@ def prunable_linears(model: nn.Module, layers_filter: str | None = None) -> "dic
              and name.startswith("layers.") and name.split(".", 2)[-1] in PROJECTIONS}
     if not layers_filter:
         return found
-    blocks, projs = parse_layers(layers_filter)
-    absent = sorted(blocks - set(range(len(model.layers))))
-    if absent:
-        raise UserError(f"--layers {layers_filter!r}: block {absent[0]} does not exist (the model has blocks "
+    ranges, projs = parse_layers(layers_filter)
+    absent = min((max(lo, len(model.layers)) for lo, hi in ranges if hi >= len(model.layers)), default=None)
+    if absent is not None:
+        raise UserError(f"--layers {layers_filter!r}: block {absent} does not exist (the model has blocks "
                         f"0-{len(model.layers) - 1}); leave it out")
+    blocks = {b for lo, hi in ranges for b in range(lo, hi + 1)}
     kept = {name: mod for name, mod in found.items() if (not blocks or int(name.split(".")[1]) in blocks)
             and (not projs or name.split(".", 2)[-1] in projs)}
     if not kept:

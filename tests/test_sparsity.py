@@ -408,7 +408,9 @@ def test_layers_naming_a_block_the_model_lacks_is_an_error_not_ignored():
         with pytest.raises(UserError, match=re.escape(f"--layers '{spec}'") + ".*" + re.escape(says)):
             sp.prune(model, "magnitude", "2:4", layers=spec)
     assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items())
-    assert sp.parse_layers("0-1,3,wq,w2") == ({0, 1, 3}, {"attention.wq", "feed_forward.w2"})
+    assert sp.parse_layers("0-1,3,wq,w2") == ([(0, 1), (3, 3)], {"attention.wq", "feed_forward.w2"})
+    with pytest.raises(UserError, match="block 2 does not exist"):  # a huge range is never spelled out
+        sp.prune(model, "magnitude", "2:4", layers="0-100000000000000")
 
 
 def tiny_ckpt(tmp_path, data_dir, **overrides):
