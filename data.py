@@ -41,7 +41,10 @@ def resolve_data_dir(arg=None) -> Path:
 def read_text(path) -> str:
     """A UTF-8 text file, newlines made "\\n" (as open() does); a byte that is not UTF-8 is one line naming the
     file and the byte's offset."""
-    blob = Path(path).read_bytes()
+    try:
+        blob = Path(path).read_bytes()
+    except OSError as e:  # a directory where the file should be, no permission to read it
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
     try:
         text = blob.decode("utf-8")
     except UnicodeDecodeError as e:

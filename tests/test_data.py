@@ -238,3 +238,9 @@ def test_data_dir_that_is_a_file_says_so(tmp_path):
     (tmp_path / "f").write_text("")
     with pytest.raises(UserError, match=r"--data-dir .*f is a file; --data-dir is the directory"):
         resolve_data_dir(str(tmp_path / "f"))
+
+
+def test_a_data_file_that_cannot_be_read_is_one_line(tmp_path):
+    (tmp_path / "wikitext-2-raw" / "wiki.test.raw").mkdir(parents=True)  # a folder where the file should be
+    with pytest.raises(UserError, match=r"cannot read .*wiki\.test\.raw: Is a directory"):
+        wikitext2_text(tmp_path)
