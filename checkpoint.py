@@ -15,12 +15,14 @@ never held twice in memory. Pickles are read with weights_only=True: a checkpoin
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -206,7 +208,14 @@ def meta_hidden_dim(dim, multiple_of, ffn_dim_multiplier=None):
 
 def _torch_load(path: Path):
     try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        try:
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError as e:  # a plain pickle or torch's legacy format can't be memory-mapped: read it whole
+            if "mmap can only be used" not in str(e):
+                raise
+            with warnings.catch_warnings():  # "Detected pickle protocol 4": a plain pickle.dump, read all the same
+                warnings.simplefilter("ignore")
+                return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         if "weights_only" in str(e) or "Unsupported global" in str(e):
             raise UserError(f"refusing to load {path}: it holds Python objects other than tensors and could run "
@@ -217,9 +226,11 @@ def _torch_load(path: Path):
 
 def read_meta(path: Path):
     params = _read_json(path / "params.json")
+    for key in ("dim", "n_layers", "n_heads", "multiple_of"):
+        if not isinstance(params, dict) or key not in params:
+            raise UserError(f"{path / 'params.json'} has no '{key}': is this a Meta Llama checkpoint?")
+    check_params(params, path / "params.json", META_PARAMS)
     shards = [_torch_load(p) for p in sorted(path.glob("consolidated.*.pth"))]
-    if "dim" not in params:
-        raise UserError(f"{path / 'params.json'} has no 'dim': is this a Meta Llama checkpoint?")
     dim, state = params["dim"], {}
     for k in shards[0]:
         if k == "rope.freqs":  # a precomputed table in some Llama 1 files; we compute our own
@@ -243,7 +254,7 @@ def read_meta(path: Path):
                          if params.get("use_scaled_rope") else None,
                          max_seq_len=params.get("max_seq_len", 4096))
     except KeyError as e:
-        raise UserError(f"{path}: params.json or the weights lack {e}; is this a Meta Llama checkpoint?") from None
+        raise UserError(f"{path}: the weights lack {e}; is this a Meta Llama checkpoint?") from None
     return args, state, None
 
 
@@ -314,12 +325,48 @@ def read_gguf(path: Path):
 
 # ----------------------------------------------------------------------------- ours
 
+# what each field of params.json must hold: (accepts, a test); save() writes every field of ModelArgs
+_COUNT = ("a positive integer", lambda v: type(v) is int and v > 0)
+_OPTIONAL_COUNT = ("a positive integer or null", lambda v: v is None or (type(v) is int and v > 0))
+_REAL = ("a finite number", lambda v: type(v) in (int, float) and math.isfinite(v))
+PARAMS = {"dim": _COUNT, "n_layers": _COUNT, "n_heads": _COUNT, "n_kv_heads": _OPTIONAL_COUNT, "vocab_size": _COUNT,
+          "hidden_dim": _COUNT, "head_dim": _OPTIONAL_COUNT, "max_seq_len": _COUNT,
+          "norm_eps": ("a finite number, 0 or more", lambda v: _REAL[1](v) and v >= 0),
+          "rope_theta": ("a finite positive number", lambda v: _REAL[1](v) and v > 0),
+          "rope_scaling": ("null or an object of factor, low_freq_factor, high_freq_factor, "
+                           "original_max_position_embeddings (numbers)",
+                           lambda v: v is None or (isinstance(v, dict) and set(v) == ROPE_SCALING_KEYS
+                                                   and all(_REAL[1](x) and x > 0 for x in v.values()))),
+          "tie_embeddings": ("true or false", lambda v: type(v) is bool),
+          "slorb_k": ("an integer, 0 or more", lambda v: type(v) is int and v >= 0)}
+ROPE_SCALING_KEYS = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+META_PARAMS = PARAMS | {"multiple_of": _COUNT, "vocab_size": ("-1 (from the weights) or a positive integer",
+                                                             lambda v: type(v) is int and (v > 0 or v == -1)),
+                        "ffn_dim_multiplier": ("null or a finite positive number",
+                                               lambda v: v is None or (_REAL[1](v) and v > 0))}
+
+
+def check_params(params: dict, source, kinds=PARAMS) -> None:
+    """Each field of params.json that kinds knows holds a value of its kind; else one line naming the key."""
+    for key, value in params.items():
+        if key in kinds and not kinds[key][1](value):
+            raise UserError(f"{source}: {key} is {json.dumps(value)[:40]}, but must be {kinds[key][0]}")
+
+
 def read_ours(path: Path):
     params = _read_json(path / "params.json")
+    source = path / "params.json"
+    if not isinstance(params, dict):
+        raise UserError(f"{source} is not a JSON object of model fields; it was not written by this project's save()")
+    missing = [f.name for f in dataclasses.fields(ModelArgs) if f.name not in params]
+    if missing:  # a default would silently be another model (rope_theta, norm_eps change every logit)
+        raise UserError(f"{source} lacks {', '.join(repr(k) for k in missing)}: save() writes every field of "
+                        f"model.ModelArgs; restore the file or save the model again")
+    check_params(params, source)
     try:
         args = ModelArgs(**params)
     except TypeError as e:
-        raise UserError(f"{path / 'params.json'}: {e}; it was not written by this project's save()") from None
+        raise UserError(f"{source}: {e}; it was not written by this project's save()") from None
     if (path / PACKED_FILE).exists() and not (path / "model.safetensors").exists():
         state = load_packed_state_dict(path / PACKED_FILE)  # 2:4 weights as kept values + 2-bit positions
     else:
@@ -331,6 +378,9 @@ def save(model: Transformer, tokenizer, out_dir, masks: dict | None = None, meta
     """Our format: params.json + model.safetensors + tokenizer files [+ masks.safetensors, meta.json]."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    stale = [PACKED_FILE] + ([] if masks else ["masks.safetensors"]) + ([] if meta else ["meta.json"])
+    for name in stale:  # left by an earlier model in this folder (kernels24.pack's copy, its masks): not this one's
+        (out / name).unlink(missing_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
              if not (model.args.tie_embeddings and k == "output.weight")}
     atomic_write(out / "model.safetensors", lambda p: save_file(state, p))

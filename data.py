@@ -29,10 +29,34 @@ def resolve_data_dir(arg=None) -> Path:
     for candidate in ([arg] if arg else ["data", "../shared/data"]):
         if Path(candidate).is_dir():
             return Path(candidate)
+    if arg and Path(arg).exists():
+        raise UserError(f"--data-dir {arg} is a file; --data-dir is the directory that holds wikitext-2-raw/, "
+                        f"text/, tasks/ and instruct/")
     if arg:
         raise UserError(f"--data-dir {arg} does not exist")
     raise UserError("no data directory: pass --data-dir, or put the data files (wikitext-2-raw/, text/, tasks/, "
                     "instruct/; see README.md 'Data') in ./data or ../shared/data")
+
+
+def read_text(path) -> str:
+    """A UTF-8 text file, newlines made "\\n" (as open() does); a byte that is not UTF-8 is one line naming the
+    file and the byte's offset."""
+    try:
+        blob = Path(path).read_bytes()
+    except OSError as e:  # a directory where the file should be, no permission to read it
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        text = blob.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: byte {e.start} (0x{blob[e.start]:02x}) is not UTF-8 ({e.reason}); "
+                        f"the file must be UTF-8 text: convert it (e.g. iconv -t utf-8) or remove that byte") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def read_lines(path) -> list[str]:
+    """The lines of a UTF-8 text file (read_text), without their newlines, as iterating over open() splits them."""
+    lines = read_text(path).split("\n")
+    return lines[:-1] if lines[-1] == "" else lines
 
 
 def wikitext2_path(data_dir, split="test") -> Path:
@@ -45,7 +69,7 @@ def wikitext2_text(data_dir, split="test") -> str:
     path = wikitext2_path(data_dir, split)
     if not path.exists():
         raise UserError(f"{path} not found: it is wiki.{split}.raw of wikitext-2-raw-v1; put it there or pass --data-dir")
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    lines = read_text(path).splitlines(keepends=True)
     return "\n\n".join(line if line.strip() else "" for line in lines)
 
 
@@ -63,15 +87,18 @@ def read_documents(paths) -> list[str]:
         if not p.exists():
             raise UserError(f"{p} not found")
         if p.suffix == ".jsonl":
-            with p.open(encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            docs.append(json.loads(line)["text"])
-                        except (json.JSONDecodeError, KeyError, TypeError):
-                            raise UserError(f"{p}:{n} is not a JSON object with a 'text' field") from None
+            for n, line in enumerate(read_lines(p), 1):
+                if line.strip():
+                    try:
+                        text = json.loads(line)["text"]
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        raise UserError(f"{p}:{n} is not a JSON object with a 'text' field") from None
+                    if not isinstance(text, str):
+                        raise UserError(f"{p}:{n}: 'text' is {type(text).__name__} {json.dumps(text)[:40]}, "
+                                        f"not a string; a document is {{\"text\": \"...\"}}")
+                    docs.append(text)
         else:
-            docs.append(p.read_text(encoding="utf-8"))
+            docs.append(read_text(p))
     return docs
 
 
@@ -87,10 +114,12 @@ def tokenize_corpus(paths, tokenizer, cache_dir="cache") -> np.ndarray:
     key = json.dumps([[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in paths if p.exists()])
     digest = hashlib.sha256((key + _tokenizer_id(tokenizer)).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"tokens-{digest}.bin"
-    if not path.exists():
+    if not path.exists() or path.stat().st_size == 0:  # an empty cache file can't be memory-mapped
         ids = []
         for doc in read_documents(paths):
             ids.extend(tokenizer.encode(doc, bos=False, eos=True))
+        if not ids:
+            raise UserError(f"no documents in {', '.join(map(str, paths))}: the files hold no text; add some")
         atomic_write(path, np.asarray(ids, dtype=np.uint32).tofile)
     return np.memmap(path, dtype=np.uint32, mode="r")
 
@@ -179,16 +208,18 @@ class InstructBatches:
 
 def read_instructions(path):
     records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError:
-                    raise UserError(f"{path}:{n} is not a JSON line; fix or remove it") from None
-                if not isinstance(r, dict) or "instruction" not in r or "output" not in r:
-                    raise UserError(f"{path}:{n}: an instruction record needs 'instruction' and 'output' fields")
-                records.append(r)
+    for n, line in enumerate(read_lines(path), 1):
+        if line.strip():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                raise UserError(f"{path}:{n} is not a JSON line; fix or remove it") from None
+            if not isinstance(r, dict) or "instruction" not in r or "output" not in r:
+                raise UserError(f"{path}:{n}: an instruction record needs 'instruction' and 'output' fields")
+            wrong = next((k for k in ("instruction", "input", "output") if not isinstance(r.get(k, ""), str)), None)
+            if wrong:
+                raise UserError(f"{path}:{n}: '{wrong}' is {type(r[wrong]).__name__}, not a string")
+            records.append(r)
     if not records:
         raise UserError(f"{path} holds no records")
     return records
@@ -201,16 +232,22 @@ def training_batches(spec, data_dir, tokenizer, seq_len, batch_size, seed, rank=
     if spec == "text":
         paths = default_text_files(data_dir)
     else:
-        paths = [Path(p) if Path(p).exists() else data_dir / p for p in spec.split(",")]
+        names = spec.split(",")
+        if not all(n.strip() for n in names):
+            raise UserError(f"--data {spec!r} names an empty file name; pass a file, a comma list of files, or "
+                            f"--data text")
+        paths = [Path(p) if Path(p).exists() else data_dir / p for p in names]
         for p in paths:
             if not p.exists():
                 raise UserError(f"--data {p} not found; pass an existing file (or --data text)")
+            if not p.is_file():
+                raise UserError(f"--data {p} is a directory; pass a file, a comma list of files, or --data text")
         if len(paths) == 1 and paths[0].suffix == ".jsonl":
-            with open(paths[0], encoding="utf-8") as f:
-                try:
-                    first = json.loads(f.readline() or "{}")
-                except json.JSONDecodeError:
-                    raise UserError(f"{paths[0]}:1 is not a JSON line; fix or remove it") from None
+            n, line = next(((n, x) for n, x in enumerate(read_lines(paths[0]), 1) if x.strip()), (0, "{}"))
+            try:
+                first = json.loads(line)  # the first record decides: instructions or documents
+            except json.JSONDecodeError:
+                raise UserError(f"{paths[0]}:{n} is not a JSON line; fix or remove it") from None
             if isinstance(first, dict) and "instruction" in first:
                 records = read_instructions(paths[0])
                 return InstructBatches(records, tokenizer, seq_len, batch_size, seed, rank, world_size)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from checkpoint import load
 from cli import (DTYPES, Device, DType, Progress, UserError, atomic_write, autocast, check_output_file, cli_main,
                  parse_config, resolve_device)
-from data import resolve_data_dir, wikitext2_path, wikitext2_text
+from data import read_lines, resolve_data_dir, wikitext2_path, wikitext2_text
 
 
 @dataclass
@@ -42,6 +42,7 @@ class EvalArgs:
     ppl_split: Literal["test", "valid"] = "test"  # WikiText-2 file: the test set, or validation to tune on
     batch_size: int = 16  # at most this many items (packed rows) per forward pass
     json: str | None = None  # write results (and protocol) to this file
+    overwrite: bool = False  # replace an existing --json file
     log_samples: bool = False  # per-item log-likelihoods and predictions in the JSON
     bos: Literal["auto", "yes", "no"] = "auto"  # a BOS before every request and the text (auto: the tokenizer's)
     data_dir: str | None = None  # default ./data, then ../shared/data
@@ -57,8 +58,16 @@ def _resolve_bos(tokenizer, bos):
     return tokenizer.add_bos if bos is None else bool(bos)
 
 
+def check_ppl_seq_len(seq_len):
+    """A window predicts its tokens after the first: L = 1 predicts nothing (a perplexity of nan)."""
+    if seq_len < 2:
+        raise UserError(f"--ppl-seq-len {seq_len}: a perplexity window needs at least 2 tokens (its first token is "
+                        f"never predicted); use 2 or more")
+
+
 def perplexity_windows(tokenizer, text, seq_len, limit=None, bos=None):
     """(windows LongTensor (n, L), protocol dict): the whole text encoded once, n = len // L, tail dropped."""
+    check_ppl_seq_len(seq_len)
     bos = _resolve_bos(tokenizer, bos)
     ids = tokenizer.encode(text, bos=bos)
     n = len(ids) // seq_len
@@ -197,19 +206,18 @@ def read_task(data_dir, task, limit=None):
     if not path.is_file():
         raise UserError(f"missing task file {path}; pass --data-dir pointing at a folder with tasks/{task}.jsonl")
     items = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if limit is not None and len(items) == limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                contexts, continuations, gold = TASKS[task](json.loads(line))
-                assert 0 <= gold < len(continuations) and all(isinstance(c, str) for c in contexts + continuations)
-            except (ValueError, KeyError, TypeError, IndexError, AttributeError, AssertionError) as e:
-                raise UserError(f"malformed record at {path}:{line_no} ({type(e).__name__}: {e}); "
-                                f"expected the Hugging Face field layout of {task} (README.md, section Data)")
-            items.append((contexts, continuations, gold))
+    for line_no, line in enumerate(read_lines(path), 1):
+        if limit is not None and len(items) == limit:
+            break
+        if not line.strip():
+            continue
+        try:
+            contexts, continuations, gold = TASKS[task](json.loads(line))
+            assert 0 <= gold < len(continuations) and all(isinstance(c, str) for c in contexts + continuations)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError, AssertionError) as e:
+            raise UserError(f"malformed record at {path}:{line_no} ({type(e).__name__}: {e}); "
+                            f"expected the Hugging Face field layout of {task} (README.md, section Data)")
+        items.append((contexts, continuations, gold))
     if not items:
         raise UserError(f"no records in {path}")
     return items
@@ -392,11 +400,25 @@ def fmt(x, spec=".4f"):
     return "-" if x is None else format(x, spec)
 
 
+def check_json(args):
+    """--json (with --log-samples, --overwrite) names a file this run may write; checked before the work."""
+    if args.log_samples and not args.json:
+        raise UserError("--log-samples writes each item's log-likelihoods into the --json file: add --json FILE")
+    if not args.json:
+        return
+    if Path(args.json).is_dir():
+        raise UserError(f"--json {args.json} is a directory; give a file name, e.g. {Path(args.json) / 'results.json'}")
+    if Path(args.json).exists() and not args.overwrite:
+        raise UserError(f"--json {args.json} already exists: pass --overwrite to replace it, or choose another file")
+    check_output_file(args.json)  # a directory that can't be written fails now, not after the evaluation
+
+
 def main(argv=None):
     args = parse_config(EvalArgs, argv)
-    if args.json:
-        check_output_file(args.json)  # a missing directory fails now, not after the evaluation
+    check_json(args)
     tasks = parse_tasks(args.tasks)
+    if "wikitext2" in tasks:
+        check_ppl_seq_len(args.ppl_seq_len)
     device, data_dir = resolve_device(args.device), resolve_data_dir(args.data_dir)
     files = [str(task_file(data_dir, t)) for t in tasks if t != "wikitext2"]
     for t in tasks:  # bad data fails before the model loads

@@ -38,7 +38,7 @@ from checkpoint import load, save
 from cli import (DTYPES, Device, DType, UserError, check_output_dir, cli_main, parse_config, peak_memory_gb,
                  reset_peak_memory, resolve_device)
 from data import c4_paths, calibration_windows, resolve_data_dir
-from eval import WikiText2
+from eval import WikiText2, check_ppl_seq_len
 from model import PROJECTIONS
 from obs import sparsegpt
 
@@ -98,16 +98,10 @@ def sparsity_str(sparsity) -> str:
 SHORT = {p.split(".")[-1]: p for p in PROJECTIONS}  # wq -> attention.wq ... (the names --layers takes)
 
 
-def prunable_linears(model: nn.Module, layers_filter: str | None = None) -> "dict[str, nn.Linear]":
-    """The seven projections (model.PROJECTIONS) of every block, by module name (layers.0.attention.wq ...).
-    layers_filter: comma-separated block indices or ranges and/or projection names, e.g. "0-3,10", "w1,w2,w3",
-    "0-3,wq"; a layer is kept if it matches both kinds given."""
-    found = {name: mod for name, mod in model.named_modules() if isinstance(mod, nn.Linear)
-             and name.startswith("layers.") and name.split(".", 2)[-1] in PROJECTIONS}
-    if not layers_filter:
-        return found
+def parse_layers(layers_filter: str) -> "tuple[list[tuple[int, int]], set[str]]":
+    """--layers "0-3,10,wq" -> ([(0, 3), (10, 10)], {"attention.wq"}): block ranges and projection names."""
     usage = f"use block indices/ranges (0-3,7) or projection names ({','.join(SHORT)})"
-    blocks, projs = set(), set()
+    blocks, projs = [], set()
     for item in layers_filter.replace(" ", "").split(","):
         if item in SHORT:
             projs.add(SHORT[item])
@@ -118,7 +112,26 @@ def prunable_linears(model: nn.Module, layers_filter: str | None = None) -> "dic
                 raise UserError(f"bad --layers item {item!r}: {usage}") from None
             if lo > hi:
                 raise UserError(f"bad --layers item {item!r}: a range runs from low to high; {usage}")
-            blocks.update(range(lo, hi + 1))
+            blocks.append((lo, hi))
+    if not blocks and not projs:
+        raise UserError(f"--layers {layers_filter!r} names no layer: {usage}")
+    return blocks, projs
+
+
+def prunable_linears(model: nn.Module, layers_filter: str | None = None) -> "dict[str, nn.Linear]":
+    """The seven projections (model.PROJECTIONS) of every block, by module name (layers.0.attention.wq ...).
+    layers_filter: comma-separated block indices or ranges and/or projection names, e.g. "0-3,10", "w1,w2,w3",
+    "0-3,wq"; a layer is kept if it matches both kinds given. A block the model lacks is an error."""
+    found = {name: mod for name, mod in model.named_modules() if isinstance(mod, nn.Linear)
+             and name.startswith("layers.") and name.split(".", 2)[-1] in PROJECTIONS}
+    if not layers_filter:
+        return found
+    ranges, projs = parse_layers(layers_filter)
+    absent = min((max(lo, len(model.layers)) for lo, hi in ranges if hi >= len(model.layers)), default=None)
+    if absent is not None:
+        raise UserError(f"--layers {layers_filter!r}: block {absent} does not exist (the model has blocks "
+                        f"0-{len(model.layers) - 1}); leave it out")
+    blocks = {b for lo, hi in ranges for b in range(lo, hi + 1)}
     kept = {name: mod for name, mod in found.items() if (not blocks or int(name.split(".")[1]) in blocks)
             and (not projs or name.split(".", 2)[-1] in projs)}
     if not kept:
@@ -425,6 +438,10 @@ def verify(model: nn.Module, masks: "dict[str, torch.Tensor]", sparsity) -> None
 def main(argv=None):
     cfg = parse_config(Config, argv)
     sparsity = parse_sparsity(cfg.sparsity)
+    if cfg.layers:
+        parse_layers(cfg.layers)  # its spelling now; whether the model has those blocks once it is loaded
+    if cfg.eval:
+        check_ppl_seq_len(cfg.ppl_seq_len)
     device, data_dir = resolve_device(cfg.device), resolve_data_dir(cfg.data_dir)
     out = check_output_dir(cfg.out, cfg.overwrite) if cfg.out else None  # before the work, not after it
     model, tokenizer = load(cfg.ckpt, device=device, dtype=DTYPES[cfg.dtype])

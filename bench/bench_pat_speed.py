@@ -10,17 +10,49 @@ which are exactly those of a trained PAT model. Dense and merged runs alternate 
 median of --repeat runs, so load from other processes hits both alike. Prefill: one forward of B x T tokens
 (no KV cache); decode: tokens/s of greedy generation with the KV cache.
 """
-import argparse
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from checkpoint import load  # noqa: E402
+from cli import DTYPES, Device, DType, UserError, cli_main, parse_config, resolve_device  # noqa: E402
 from pat import prune_channels, target_width, top_n  # noqa: E402
+
+PROMPT_TOKENS = 32  # the decode workload's prompt
+
+
+@dataclass
+class SpeedArgs:
+    """Prefill and decode speed of a PAT-merged (narrower) Llama against the dense one, measured in one run."""
+    ckpt: str = "smollm2-135m"  # the dense model: name or checkpoint path (checkpoint.load)
+    final: str | None = None  # a merged PAT checkpoint (None: merge a hard mask of --ratio, untrained)
+    ratio: float = 0.25  # without --final: the fraction of the hidden dimension pruned
+    width_multiple: int = 8  # without --final: the merged width is a multiple of this
+    shapes: str = "1x128,4x128,1x512,8x256"  # prefill workloads: comma list of batch x length
+    decode_steps: int = 32  # greedy tokens generated after a 32-token prompt, with the KV cache
+    repeat: int = 5  # timed runs of each workload (the median is reported)
+    threads: int = 0  # torch CPU threads (0: torch's default)
+    device: Device = "cpu"  # auto: cuda when torch sees a GPU, else cpu
+    dtype: DType = "float32"  # weight dtype of both models
+
+
+def parse_shapes(spec: str) -> "list[tuple[int, int]]":
+    """--shapes "1x128,4x128" -> [(1, 128), (4, 128)]; anything else is one line naming the item."""
+    shapes = []
+    for item in spec.split(","):
+        try:
+            b, t = (int(v) for v in item.strip().split("x"))
+        except ValueError:
+            raise UserError(f"--shapes item {item!r}: write batch x length, e.g. 1x128,4x128") from None
+        if b < 1 or t < 1:
+            raise UserError(f"--shapes {item.strip()}: batch and length must be positive, e.g. 1x128")
+        shapes.append((b, t))
+    return shapes
 
 
 def sync(device):
@@ -42,37 +74,32 @@ def merged_without_training(model, ratio, multiple):
     return prune_channels(model, top_n(model.tok_embeddings.weight.float().norm(dim=0), n))
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default="smollm2-135m")
-    p.add_argument("--final", default=None, help="a merged PAT checkpoint (default: merge a hard mask, untrained)")
-    p.add_argument("--ratio", type=float, default=0.25)
-    p.add_argument("--width-multiple", type=int, default=8)
-    p.add_argument("--shapes", default="1x128,4x128,1x512,8x256", help="prefill batch x length list")
-    p.add_argument("--decode-tokens", type=int, default=32)
-    p.add_argument("--repeat", type=int, default=5)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    a = p.parse_args()
+def main(argv=None):
+    a = parse_config(SpeedArgs, argv)
+    shapes = parse_shapes(a.shapes)
     if a.threads:
         torch.set_num_threads(a.threads)
-    device, dtype = torch.device(a.device), getattr(torch, a.dtype)
+    device, dtype = resolve_device(a.device), DTYPES[a.dtype]
     dense, _ = load(a.ckpt, device=device, dtype=dtype)
     if a.final:
         merged, _ = load(a.final, device=device, dtype=dtype)
         source = a.final
     else:
+        if a.width_multiple > dense.args.dim:
+            raise UserError(f"--width-multiple {a.width_multiple}: larger than the model's width {dense.args.dim}")
         merged = merged_without_training(dense, a.ratio, a.width_multiple)
         source = f"merge of a hard mask (ratio {a.ratio}) without training"
+    too_long = [t for _, t in shapes if t > dense.args.max_seq_len]
+    if too_long:
+        raise UserError(f"--shapes: length {too_long[0]} is longer than the model's context "
+                        f"({dense.args.max_seq_len} tokens)")
     count = lambda m: sum(t.numel() for t in {id(t): t for t in m.parameters()}.values())  # noqa: E731
     print(f"dense: dim {dense.args.dim}, {count(dense):,} parameters; merged: dim {merged.args.dim}, "
           f"{count(merged):,} parameters ({source})")
     print(f"device {device} {a.dtype}, {torch.get_num_threads()} threads, median of {a.repeat}\n")
     print("| workload | dense tok/s | merged tok/s | speedup |\n|---|---|---|---|")
     g = torch.Generator().manual_seed(0)
-    for shape in a.shapes.split(","):
-        b, t = map(int, shape.split("x"))
+    for b, t in shapes:
         x = torch.randint(dense.args.vocab_size, (b, t), generator=g).to(device)
         times = {"dense": [], "merged": []}
         with torch.inference_mode():
@@ -82,16 +109,17 @@ def main():
                 times["merged"].append(seconds(lambda: merged(x), device))
         d, m = (b * t / statistics.median(times[k]) for k in ("dense", "merged"))
         print(f"| prefill {b}x{t} | {d:,.0f} | {m:,.0f} | {m / d:.2f}x |", flush=True)
-    prompt = torch.randint(dense.args.vocab_size, (32,), generator=g).tolist()
+    prompt = torch.randint(dense.args.vocab_size, (PROMPT_TOKENS,), generator=g).tolist()
     times = {"dense": [], "merged": []}
     for model in (dense, merged):
         model.generate(prompt, 4)  # warm-up
     for _ in range(a.repeat):
         for name, model in (("dense", dense), ("merged", merged)):
-            times[name].append(seconds(lambda: model.generate(prompt, a.decode_tokens), device))
-    d, m = (a.decode_tokens / statistics.median(times[k]) for k in ("dense", "merged"))
-    print(f"| decode: 32-token prompt + {a.decode_tokens} greedy tokens, KV cache | {d:,.1f} | {m:,.1f} | {m / d:.2f}x |")
+            times[name].append(seconds(lambda: model.generate(prompt, a.decode_steps), device))
+    d, m = (a.decode_steps / statistics.median(times[k]) for k in ("dense", "merged"))
+    print(f"| decode: {PROMPT_TOKENS}-token prompt + {a.decode_steps} greedy tokens, KV cache | {d:,.1f} | {m:,.1f} | "
+          f"{m / d:.2f}x |")
 
 
 if __name__ == "__main__":
-    main()
+    cli_main(main)

@@ -91,6 +91,18 @@ def check_paths(cfg: PackConfig) -> tuple[Path, Path]:
     return ckpt, out
 
 
+def check_group_size(cfg: PackConfig, state: dict, names: list) -> None:
+    """--bits 4: a group holds at most one row's kept values (half its inputs); a larger one pads every row to the
+    group (--group-size 1000000: minutes of work on padding)."""
+    if cfg.bits != 4:
+        return
+    narrowest = min(names, key=lambda n: (state[n].shape[-1], n))
+    kept = state[narrowest].shape[-1] // 2
+    if cfg.group_size > kept:
+        raise UserError(f"--group-size {cfg.group_size}: larger than the {kept} kept values of a row of {narrowest} "
+                        f"(2 of every 4 of its {state[narrowest].shape[-1]} inputs); use at most {kept}")
+
+
 # ----------------------------------------------------------------------------- sizes
 
 def header_bytes(path) -> int:
@@ -128,6 +140,7 @@ def pack_checkpoint(cfg: PackConfig) -> dict:
     names = [m + ".weight" for m in masks] if masks else [k for k in state if PROJECTION.match(k)]
     if not names:
         raise UserError(f"--ckpt {ckpt}: no masks.safetensors and no layers.N projection weights to pack")
+    check_group_size(cfg, state, names)
     grids, gptq_report = (gptq_weights(cfg, ckpt, state, names, masks) if cfg.quantizer == "gptq" else (None, {}))
     if cfg.dtype:  # GPTQ's weights stay fp32 until their codes are taken: they lie on fp32 grid points
         state = {k: v.to(DTYPES[cfg.dtype]) if v.is_floating_point() and not (grids and k in grids) else v

@@ -7,15 +7,18 @@ independently of checkpoint.py), so a wrong rule in the loader can't hide behind
 """
 import json
 import os
+import pickle
 import subprocess
 import sys
 
 import pytest
 import torch
 
+import checkpoint
 from checkpoint import export_hf, fetch_smollm2, load, load_masks, save
 from cli import UserError, cli_main
 from model import Transformer
+from packed import PACKED_FILE
 
 transformers = pytest.importorskip("transformers")
 
@@ -349,3 +352,81 @@ def test_hf_export_of_a_hub_llama2_directory_keeps_its_ids_in_transformers(tiny_
     export_hf(model, tok, tmp_path / "export")
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "export")(text)["input_ids"] == tok.encode(text)
     assert json.loads((tmp_path / "export" / "tokenizer_config.json").read_text())["bos_token"] == "<s>"
+@pytest.mark.parametrize("key", ["rope_theta", "norm_eps", "max_seq_len", "n_layers", "slorb_k"])
+def test_our_params_json_without_a_field_names_it_instead_of_using_a_default(tiny_args, tmp_path, key, cli_error):
+    """A default rope_theta or norm_eps would load another model silently; a default n_layers blamed the weights."""
+    save(Transformer(tiny_args(rope_theta=500000.0, norm_eps=1e-6)), None, tmp_path)
+    params = json.loads((tmp_path / "params.json").read_text())
+    del params[key]
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    err = cli_error(lambda: load(tmp_path, tokenizer=False))
+    assert err == (f"error: {tmp_path / 'params.json'} lacks '{key}': save() writes every field of model.ModelArgs; "
+                   f"restore the file or save the model again\n")
+
+
+@pytest.mark.parametrize("key, value, kind", [
+    ("rope_theta", "abc", "a finite positive number"), ("rope_theta", float("nan"), "a finite positive number"),
+    ("norm_eps", float("inf"), "a finite number, 0 or more"), ("n_layers", 2.5, "a positive integer"),
+    ("n_layers", True, "a positive integer"), ("dim", -64, "a positive integer"),
+    ("max_seq_len", "128", "a positive integer"), ("tie_embeddings", "no", "true or false"),
+    ("rope_scaling", {"factor": 8.0}, "null or an object of factor"),
+])
+def test_a_params_field_of_the_wrong_kind_is_one_line(tiny_args, tmp_path, key, value, kind, cli_error):
+    save(Transformer(tiny_args()), None, tmp_path / "ours")
+    params = json.loads((tmp_path / "ours" / "params.json").read_text())
+    (tmp_path / "ours" / "params.json").write_text(json.dumps(params | {key: value}))
+    err = cli_error(lambda: load(tmp_path / "ours", tokenizer=False))
+    assert err.startswith(f"error: {tmp_path / 'ours' / 'params.json'}: {key} is {json.dumps(value)[:40]}, "
+                          f"but must be {kind}")
+
+
+def test_a_meta_params_field_of_the_wrong_kind_is_one_line_before_the_shards_load(tiny_args, tmp_path, cli_error,
+                                                                                 monkeypatch):
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    torch.save(Transformer(tiny_args()).state_dict(), meta / "consolidated.00.pth")
+    params = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=-1, multiple_of=32, norm_eps=1e-5)
+    monkeypatch.setattr(checkpoint, "_torch_load", lambda p: pytest.fail("read the weights before params.json"))
+    for bad, says in [({"rope_theta": "abc"}, "rope_theta is \"abc\", but must be a finite positive number"),
+                      ({"multiple_of": 0}, "multiple_of is 0, but must be a positive integer"),
+                      ({"vocab_size": 0}, "vocab_size is 0, but must be -1 (from the weights) or a positive integer")]:
+        (meta / "params.json").write_text(json.dumps(params | bad))
+        assert cli_error(lambda: load(meta, tokenizer=False)) == f"error: {meta / 'params.json'}: {says}\n"
+    (meta / "params.json").write_text(json.dumps({k: v for k, v in params.items() if k != "n_layers"}))
+    assert "has no 'n_layers'" in cli_error(lambda: load(meta, tokenizer=False))
+
+
+def test_a_plain_pickle_is_refused_as_unsafe_and_read_when_it_holds_only_tensors(tiny_args, tmp_path):
+    """pickle.dump / torch's legacy format can't be memory-mapped: read whole, still weights_only; a code-running
+    object is refused as unsafe, not called truncated."""
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    params = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=-1, multiple_of=32, norm_eps=1e-5)
+    (meta / "params.json").write_text(json.dumps(params))
+    with open(meta / "consolidated.00.pth", "wb") as f:
+        pickle.dump({"tok_embeddings.weight": RunsCode()}, f)
+    with pytest.raises(UserError, match="refusing to load .*could run code"):
+        load(meta, tokenizer=False)
+    torch.save({"tok_embeddings.weight": RunsCode()}, meta / "consolidated.00.pth", _use_new_zipfile_serialization=False)
+    with pytest.raises(UserError, match="refusing to load .*could run code"):
+        load(meta, tokenizer=False)
+    assert not os.path.exists("/tmp/sparsellama_pwned")
+    model = Transformer(tiny_args())
+    torch.save(model.state_dict(), meta / "consolidated.00.pth", _use_new_zipfile_serialization=False)
+    tokens = torch.randint(0, 256, (1, 8))
+    assert torch.equal(load(meta, tokenizer=False)[0](tokens), model(tokens))
+
+
+def test_save_over_a_packed_or_masked_folder_leaves_only_the_new_model(tiny_args, tmp_path):
+    """A packed copy, masks or meta.json of an earlier model would be read with the new one (load prefers none of
+    them, load_masks returns the stale masks)."""
+    old = Transformer(tiny_args())
+    save(old, None, tmp_path, masks={"layers.0.attention.wq": torch.ones(64, 64, dtype=torch.bool)}, meta={"a": 1})
+    (tmp_path / PACKED_FILE).write_bytes(b"an older packed model")
+    torch.manual_seed(1)
+    new = Transformer(tiny_args())
+    save(new, None, tmp_path)
+    assert not (tmp_path / PACKED_FILE).exists() and load_masks(tmp_path) is None
+    assert not (tmp_path / "meta.json").exists()
+    tokens = torch.randint(0, 256, (1, 8))
+    assert torch.equal(load(tmp_path, tokenizer=False)[0](tokens), new(tokens))

@@ -178,3 +178,69 @@ def test_c4_paths_names_the_files_it_wants(tmp_path):
     for name in ("redpajama-c4-rp2.jsonl", "redpajama-c4-rp1.jsonl", "other.jsonl"):
         (tmp_path / "text" / name).write_text("")
     assert [p.name for p in data.c4_paths(tmp_path)] == ["redpajama-c4-rp1.jsonl", "redpajama-c4-rp2.jsonl"]
+
+
+# ----------------------------------------------------------------------------- bad input: one line each
+
+def test_a_byte_that_is_not_utf8_is_named_by_file_and_offset(tmp_path):
+    """A task, WikiText-2 or --data file with a Latin-1 byte: the file and the byte's offset, never a traceback."""
+    (tmp_path / "wikitext-2-raw").mkdir()
+    (tmp_path / "wikitext-2-raw" / "wiki.test.raw").write_bytes(b" = T = \n caf\xe9 \n")
+    with pytest.raises(UserError, match=r"wiki\.test\.raw: byte 12 \(0xe9\) is not UTF-8"):
+        wikitext2_text(tmp_path)
+    docs = tmp_path / "docs.jsonl"
+    docs.write_bytes(b'{"text": "ok"}\n{"text": "\xff"}\n')
+    with pytest.raises(UserError, match=r"docs\.jsonl: byte 25 \(0xff\) is not UTF-8"):
+        read_documents([docs])
+    plain = tmp_path / "plain.txt"
+    plain.write_bytes(b"abc\x80")
+    with pytest.raises(UserError, match=r"plain\.txt: byte 3 \(0x80\) is not UTF-8"):
+        data.training_batches(str(plain), tmp_path, byte_tokenizer(), 16, 2, seed=0)
+    instr = tmp_path / "instr.jsonl"
+    instr.write_bytes(b'{"instruction": "a", "output": "b"}\n{"instruction": "\xc3(", "output": "b"}\n')
+    with pytest.raises(UserError, match=r"instr\.jsonl: byte 53 \(0xc3\) is not UTF-8"):
+        data.training_batches(str(instr), tmp_path, byte_tokenizer(), 16, 2, seed=0)
+    # \r\n and \r read as open() reads them: the rows of WikiText-2 are unchanged
+    (tmp_path / "wikitext-2-raw" / "wiki.test.raw").write_bytes(b" = T = \r\n \r\n a \r b \n")
+    assert wikitext2_text(tmp_path) == " = T = \n" + "\n\n" + "" + "\n\n" + " a \n" + "\n\n" + " b \n"
+
+
+def test_empty_or_wrongly_typed_training_text_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the token cache goes to ./cache
+    tok = byte_tokenizer()
+    with pytest.raises(UserError, match="--data '' names an empty file name"):
+        data.training_batches("", tmp_path, tok, 16, 2, seed=0)
+    (tmp_path / "a.txt").write_text("some text " * 10)
+    with pytest.raises(UserError, match="names an empty file name"):
+        data.training_batches(f"{tmp_path / 'a.txt'},", tmp_path, tok, 16, 2, seed=0)
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(UserError, match="--data .*sub is a directory"):
+        data.training_batches(str(tmp_path / "sub"), tmp_path, tok, 16, 2, seed=0)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(UserError, match=r"no documents in .*empty\.jsonl"):
+        data.training_batches(str(empty), tmp_path, tok, 16, 2, seed=0)
+    assert not list((tmp_path / "cache").glob("*.bin"))  # nothing cached that could not be read back
+    (tmp_path / "blank.jsonl").write_text("\n\n")
+    with pytest.raises(UserError, match="no documents in"):
+        data.training_batches(str(tmp_path / "blank.jsonl"), tmp_path, tok, 16, 2, seed=0)
+    number = tmp_path / "number.jsonl"
+    number.write_text('{"text": "fine"}\n{"text": 5}\n')
+    with pytest.raises(UserError, match=r"number\.jsonl:2: 'text' is int 5, not a string"):
+        data.training_batches(str(number), tmp_path, tok, 16, 2, seed=0)
+    instr = tmp_path / "instr.jsonl"
+    instr.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": 7}\n')
+    with pytest.raises(UserError, match=r"instr\.jsonl:2: 'output' is int, not a string"):
+        data.training_batches(str(instr), tmp_path, tok, 16, 2, seed=0)
+
+
+def test_data_dir_that_is_a_file_says_so(tmp_path):
+    (tmp_path / "f").write_text("")
+    with pytest.raises(UserError, match=r"--data-dir .*f is a file; --data-dir is the directory"):
+        resolve_data_dir(str(tmp_path / "f"))
+
+
+def test_a_data_file_that_cannot_be_read_is_one_line(tmp_path):
+    (tmp_path / "wikitext-2-raw" / "wiki.test.raw").mkdir(parents=True)  # a folder where the file should be
+    with pytest.raises(UserError, match=r"cannot read .*wiki\.test\.raw: Is a directory"):
+        wikitext2_text(tmp_path)

@@ -432,7 +432,7 @@ def test_cli_limit_is_task_records_and_ppl_windows_is_windows(tmp_path, monkeypa
 
     def run(*flags):
         ev.main(["--tasks", "wikitext2,piqa", "--data-dir", str(tmp_path), "--ppl-seq-len", "16", "--device", "cpu",
-                 "--json", str(tmp_path / "r.json"), *flags])
+                 "--json", str(tmp_path / "r.json"), "--overwrite", *flags])
         return json.loads((tmp_path / "r.json").read_text())
 
     every = run()
@@ -451,3 +451,61 @@ def test_cli_limit_is_task_records_and_ppl_windows_is_windows(tmp_path, monkeypa
     assert valid["results"]["wikitext2"]["protocol"]["tokens"] != every["results"]["wikitext2"]["protocol"]["tokens"]
     assert valid["results"]["wikitext2"]["ppl"] == pytest.approx(
         ev.perplexity(model, tok, wikitext2_text(tmp_path, "valid"), 16), rel=1e-6)
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+    monkeypatch.setattr(ev, "load", lambda *a, **k: pytest.fail("loaded the model before checking the input"))
+
+
+def test_cli_existing_json_is_kept_unless_overwrite(tmp_path, monkeypatch, cli_error):
+    """An earlier run's results are never replaced silently: refused before the model loads, --overwrite replaces."""
+    write_piqa(tmp_path, 2)
+    results = tmp_path / "results.json"
+    results.write_text('{"earlier": "run"}')
+    argv = ["--tasks", "piqa", "--data-dir", str(tmp_path), "--device", "cpu", "--json", str(results)]
+    monkeypatch.setattr(ev, "load", lambda *a, **k: pytest.fail("loaded the model before checking --json"))
+    assert cli_error(lambda: ev.main(argv)) == (f"error: --json {results} already exists: pass --overwrite to "
+                                                f"replace it, or choose another file\n")
+    assert results.read_text() == '{"earlier": "run"}'
+    tok = StubTokenizer()
+    monkeypatch.setattr(ev, "load", lambda *a, **k: (tiny_transformer(vocab=tok.vocab_size), tok))
+    ev.main(argv + ["--overwrite"])
+    assert json.loads(results.read_text())["results"]["piqa"]["n"] == 2
+
+
+def test_cli_json_that_is_a_directory_is_one_line_before_loading(tmp_path, no_load, cli_error):
+    write_piqa(tmp_path, 2)
+    err = cli_error(lambda: ev.main(["--tasks", "piqa", "--data-dir", str(tmp_path), "--json", str(tmp_path)]))
+    assert err.startswith(f"error: --json {tmp_path} is a directory; give a file name")
+
+
+def test_cli_json_that_cannot_be_written_is_one_line_before_loading(tmp_path, no_load, cli_error):
+    """cli.check_output_file tests that the place can be written (here /proc, where nothing can be created)."""
+    write_piqa(tmp_path, 2)
+    err = cli_error(lambda: ev.main(["--tasks", "piqa", "--data-dir", str(tmp_path), "--json", "/proc/r.json"]))
+    assert "/proc" in err and not Path("/proc/r.json").exists()
+
+
+def test_cli_log_samples_without_json_is_one_line(tmp_path, no_load, cli_error):
+    write_piqa(tmp_path, 2)
+    err = cli_error(lambda: ev.main(["--tasks", "piqa", "--data-dir", str(tmp_path), "--log-samples"]))
+    assert err == "error: --log-samples writes each item's log-likelihoods into the --json file: add --json FILE\n"
+
+
+def test_ppl_seq_len_1_is_one_line_not_nan(tmp_path, no_load, cli_error):
+    """A window of 1 token predicts nothing: the perplexity would be nan, printed with exit status 0."""
+    err = cli_error(lambda: ev.main(["--tasks", "wikitext2", "--data-dir", str(tmp_path), "--ppl-seq-len", "1"]))
+    assert err.startswith("error: --ppl-seq-len 1: a perplexity window needs at least 2 tokens")
+    with pytest.raises(UserError, match="--ppl-seq-len 1"):
+        ev.perplexity_windows(StubTokenizer(), "enough text for many windows " * 10, 1)
+    assert ev.perplexity_windows(StubTokenizer(), "xy", 2)[0].tolist() == [[ord("x"), ord("y")]]
+
+
+def test_a_task_file_that_is_not_utf8_names_the_byte_before_loading(tmp_path, no_load, cli_error):
+    write_piqa(tmp_path, 2)
+    path = tmp_path / "tasks" / "piqa.jsonl"
+    blob = path.read_bytes()
+    path.write_bytes(blob + b'{"goal": "caf\xe9", "sol1": "a", "sol2": "b", "label": 0}\n')
+    err = cli_error(lambda: ev.main(["--tasks", "piqa", "--data-dir", str(tmp_path)]))
+    assert err.startswith(f"error: {path}: byte {len(blob) + 13} (0xe9) is not UTF-8")

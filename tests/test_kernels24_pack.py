@@ -82,8 +82,9 @@ def test_pack_2bit_positions_flag(tmp_path):
     ckpt, masks = make_2to4_checkpoint(tmp_path, m)
     sizes = {}
     for code in ("2bit", "pattern"):
-        report = pack.main(["--ckpt", str(ckpt), "--out", str(tmp_path / code), "--positions", code, "--bits", "4"])
-        tensors, layout = check_file_arithmetic(tmp_path / code / "packed.safetensors", report, 4, 0)
+        report = pack.main(["--ckpt", str(ckpt), "--out", str(tmp_path / code), "--positions", code, "--bits", "4",
+                            "--group-size", "32"])
+        tensors, layout = check_file_arithmetic(tmp_path / code / "packed.safetensors", report, 4, 0, 32)
         assert {e["positions"] for e in layout.values()} == {code}
         sizes[code] = report["packed_bytes"]
         m2, _ = load(tmp_path / code, tokenizer=False)
@@ -210,3 +211,24 @@ def test_pack_never_leaves_a_mixed_folder_and_takes_a_name(tmp_path, cli_error):
         assert torch.equal(packed_model.state_dict()[k], v), k
     err = cli_error(lambda: pack.main(["--ckpt", "llama9-1b", "--out", str(tmp_path / "x")]))
     assert "checkpoints/llama9-1b" in err  # resolved as a name, not taken for a missing folder
+
+
+def test_pack_refuses_a_group_larger_than_a_row_before_any_work(tmp_path, cli_error):
+    """--group-size 1000000 padded every row to a million values (minutes, no output): a group holds at most one
+    row's kept values; the narrowest packed row (64 inputs, 32 kept) sets the limit, which still packs."""
+    ckpt, _ = make_2to4_checkpoint(tmp_path, tiny_model())
+    for size in ("1000000", "33"):
+        err = cli_error(lambda: pack.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "o"), "--bits", "4",
+                                           "--group-size", size]))
+        assert err == (f"error: --group-size {size}: larger than the 32 kept values of a row of "
+                       f"layers.0.attention.wk.weight (2 of every 4 of its 64 inputs); use at most 32\n")
+        assert not (tmp_path / "o" / packed.PACKED_FILE).exists()
+    pack.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "o"), "--bits", "4", "--group-size", "32"])
+    pack.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "exact"), "--group-size", "1000000"])  # --bits 0: unused
+
+
+def test_pack_out_that_cannot_be_written_is_one_line_before_any_work(tmp_path, cli_error, monkeypatch):
+    """cli.check_output_dir creates and tests --out at the start (/proc can hold no folder)."""
+    ckpt, _ = make_2to4_checkpoint(tmp_path, tiny_model())
+    monkeypatch.setattr(checkpoint, "read_safetensors", lambda *a: pytest.fail("read the weights before --out"))
+    assert "/proc/x" in cli_error(lambda: pack.main(["--ckpt", str(ckpt), "--out", "/proc/x"]))

@@ -357,4 +357,4 @@ def test_pack_gptq_flags_fail_before_any_work(tmp_path, cli_error, data_dir, mon
     monkeypatch.setattr(checkpoint, "load", lambda *a, **k: pytest.fail("loaded the model before checking 2:4"))
     with pytest.raises(UserError, match=r"layers\.0\.attention\.w[qkvo]\.weight: not 2:4 sparse"):
         pack.main(["--ckpt", str(tmp_path / "dense"), "--out", str(tmp_path / "o"), "--bits", "4", "--quantizer",
-                   "gptq", "--data-dir", str(data_dir)])
+                   "gptq", "--group-size", "32", "--data-dir", str(data_dir)])

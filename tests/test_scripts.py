@@ -1,6 +1,10 @@
 """Every script, fed the bad input a new user types: one `error:` line naming the flag, exit status 1, and
 for a flag's range no model loaded first. Also a resume of a damaged or finished run."""
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -271,3 +275,59 @@ def test_a_second_run_into_a_locked_out_names_the_first(script, tmp_path, capsys
     finally:
         holder.kill()
         holder.wait()
+# ----------------------------------------------------------------------------- bench/ scripts (run as a user runs them)
+
+def run_bench(script, *argv, cwd=ROOT):
+    return subprocess.run([sys.executable, str(ROOT / "bench" / script), *map(str, argv)], cwd=cwd,
+                          capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+
+
+def bench_error(script, *argv, cwd=ROOT) -> str:
+    run = run_bench(script, *argv, cwd=cwd)
+    assert run.returncode == 1 and run.stderr.count("\n") == 1 and run.stderr.startswith("error: "), run.stderr
+    return run.stderr.strip()
+
+
+def test_baselines_table_checks_names_and_its_table_before_the_model_loads(tmp_path, data_dir):
+    """A typo in --methods or --patterns, or an earlier table in --out: one line before the model loads (the
+    checkpoint named here does not exist), the earlier table untouched."""
+    table = tmp_path / "baselines_table.json"
+    argv = ["--ckpt", tmp_path / "no-model", "--data-dir", data_dir, "--out", tmp_path]
+    assert bench_error("baselines_table.py", *argv, "--methods", "wanda,sparsgpt") == (
+        "error: --methods: unknown method 'sparsgpt'; choose from magnitude, wanda, sparsegpt")
+    assert bench_error("baselines_table.py", *argv, "--patterns", "2:4,5:4").startswith("error: --patterns: bad sparsity '5:4'")
+    table.write_text('{"an earlier": "table"}')
+    assert bench_error("baselines_table.py", *argv) == (
+        f"error: {table} already holds a table: continue it with --resume, replace it with --overwrite, or choose "
+        f"another --out")
+    assert table.read_text() == '{"an earlier": "table"}'
+    assert "unknown checkpoint" in bench_error("baselines_table.py", *argv, "--overwrite")  # now it loads
+
+
+def test_baselines_table_resumes_only_its_own_protocol(tmp_path, data_dir):
+    torch.manual_seed(0)
+    tiny = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=32000, hidden_dim=64, max_seq_len=64))
+    checkpoint.save(tiny, None, tmp_path / "tiny")
+    shutil.copy(data_dir / "tokenizers" / "llama2" / "tokenizer.model", tmp_path / "tiny")
+    argv = ["--ckpt", tmp_path / "tiny", "--data-dir", data_dir, "--out", tmp_path / "o", "--methods", "magnitude",
+            "--patterns", "2:4", "--nsamples", "1", "--calib-len", "16", "--ppl-seq-len", "32", "--ppl-windows", "1",
+            "--device", "cpu"]
+    first = run_bench("baselines_table.py", *argv)
+    assert first.returncode == 0, first.stderr
+    table = tmp_path / "o" / "baselines_table.json"
+    written = table.read_text()
+    assert [r["method"] for r in json.loads(written)["runs"]] == ["magnitude"]
+    again = run_bench("baselines_table.py", *argv, "--resume")
+    assert again.returncode == 0 and "1 runs done" in again.stdout and table.read_text() == written
+    other = [*argv[:-4], "--ppl-windows", "2", "--device", "cpu", "--resume"]  # another protocol: not mixed in
+    assert "cannot resume" in bench_error("baselines_table.py", *other) and table.read_text() == written
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--ratio", "1.5"], "--ratio 1.5: must be in [0, 1)"),
+    (["--shapes", "1x0"], "--shapes 1x0: batch and length must be positive, e.g. 1x128"),
+    (["--ckpt", "/no/model"], "unknown checkpoint '/no/model'"),
+])
+def test_bench_pat_speed_bad_flags_are_one_line(argv, says):
+    """--ratio 1.5 used to report a 12x speedup from a model 'merged' to a width of 8; the rest were tracebacks."""
+    assert bench_error("bench_pat_speed.py", *argv).startswith(f"error: {says}")

@@ -1,6 +1,7 @@
 """Masks, the three pruning criteria against brute-force definitions, SparseGPT's invariants, and the
 sequential pipeline on a tiny Llama."""
 import copy
+import re
 import shutil
 
 import pytest
@@ -9,7 +10,9 @@ import torch
 import checkpoint
 import sparsity as sp
 from cli import UserError, cli_main
+from kernels24 import pack
 from model import ModelArgs, Transformer
+from packed import PACKED_FILE
 
 
 def tiny_model(seed=0, **overrides):
@@ -393,3 +396,67 @@ def test_cli_on_smollm2_end_to_end(tmp_path, data_dir):
     for n, mask in masks.items():
         assert sp.check_layer(modules[n].weight, mask, (2, 4)), n
     assert modules["layers.2.attention.wq"].weight.count_nonzero() > 0.9 * modules["layers.2.attention.wq"].weight.numel()
+
+
+# ----------------------------------------------------------------------------- bad input: one line, nothing touched
+
+def test_layers_naming_a_block_the_model_lacks_is_an_error_not_ignored():
+    model = tiny_model()  # blocks 0-1
+    before = copy.deepcopy(model.state_dict())
+    for spec, says in [("0-1,99", "block 99 does not exist (the model has blocks 0-1)"),
+                       ("1-5", "block 2 does not exist"), (",", "names no layer")]:
+        with pytest.raises(UserError, match=re.escape(f"--layers '{spec}'") + ".*" + re.escape(says)):
+            sp.prune(model, "magnitude", "2:4", layers=spec)
+    assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items())
+    assert sp.parse_layers("0-1,3,wq,w2") == ([(0, 1), (3, 3)], {"attention.wq", "feed_forward.w2"})
+    with pytest.raises(UserError, match="block 2 does not exist"):  # a huge range is never spelled out
+        sp.prune(model, "magnitude", "2:4", layers="0-100000000000000")
+
+
+def tiny_ckpt(tmp_path, data_dir, **overrides):
+    checkpoint.save(tiny_model(vocab_size=32000, **overrides), None, tmp_path / "ck")
+    shutil.copy(data_dir / "tokenizers" / "llama2" / "tokenizer.model", tmp_path / "ck")
+    return tmp_path / "ck"
+
+
+def test_cli_layers_out_of_range_fails_before_the_dense_evaluation(tmp_path, data_dir, monkeypatch, cli_error):
+    monkeypatch.setattr(sp, "WikiText2", lambda *a, **k: pytest.fail("evaluated before checking --layers"))
+    ck = tiny_ckpt(tmp_path, data_dir)
+    err = cli_error(lambda: sp.main(["--ckpt", str(ck), "--method", "magnitude", "--layers", "0-1,99",
+                                     "--data-dir", str(data_dir), "--device", "cpu"]))
+    assert "block 99 does not exist" in err
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--layers", "0-1,x9"], "bad --layers item 'x9'"),
+    (["--layers", "3-1"], "a range runs from low to high"),
+    (["--ppl-seq-len", "1"], "--ppl-seq-len 1: a perplexity window needs at least 2 tokens"),
+])
+def test_cli_bad_layers_or_window_is_one_line_before_loading(argv, says, monkeypatch, cli_error):
+    monkeypatch.setattr(sp, "load", lambda *a, **k: pytest.fail("loaded a model before checking the flags"))
+    assert says in cli_error(lambda: sp.main(argv))
+
+
+def test_cli_out_over_a_packed_checkpoint_leaves_only_the_new_model(tmp_path, data_dir, capsys):
+    """--overwrite of a kernels24.pack folder: its packed.safetensors goes, it would be a second model there."""
+    ck = tiny_ckpt(tmp_path, data_dir)
+    sp.main(["--ckpt", str(ck), "--method", "magnitude", "--no-eval", "--device", "cpu", "--out", str(tmp_path / "24"),
+             "--data-dir", str(data_dir)])
+    pack.main(["--ckpt", str(tmp_path / "24"), "--out", str(tmp_path / "packed")])
+    assert (tmp_path / "packed" / PACKED_FILE).exists() and not (tmp_path / "packed" / "model.safetensors").exists()
+    sp.main(["--ckpt", str(ck), "--method", "magnitude", "--sparsity", "4:8", "--no-eval", "--device", "cpu",
+             "--out", str(tmp_path / "packed"), "--overwrite", "--data-dir", str(data_dir)])
+    assert not (tmp_path / "packed" / PACKED_FILE).exists()
+    model = checkpoint.load(tmp_path / "packed", tokenizer=False)[0]
+    assert sp.check_nm(model.layers[0].attention.wq.weight, 4, 8)
+    assert not sp.check_nm(model.layers[0].attention.wq.weight, 2, 4)
+
+
+@pytest.mark.parametrize("out", ["/proc/x", "afile/sub"])
+def test_cli_out_that_cannot_be_written_is_one_line_before_loading(out, tmp_path, data_dir, monkeypatch, cli_error):
+    """cli.check_output_dir creates and tests --out at the start: /proc can't hold a folder, afile is a file."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("keep me")
+    monkeypatch.setattr(sp, "load", lambda *a, **k: pytest.fail("loaded a model before checking --out"))
+    err = cli_error(lambda: sp.main(["--out", out, "--method", "magnitude", "--no-eval", "--data-dir", str(data_dir)]))
+    assert out.strip("/").split("/")[0] in err and (tmp_path / "afile").read_text() == "keep me"

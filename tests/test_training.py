@@ -1,6 +1,7 @@
 """Shared training machinery: schedule, flags, atomic checkpoints, exact data resume; FSDP/DDP helpers."""
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
