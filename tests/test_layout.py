@@ -20,7 +20,8 @@ ALLOWED = {  # module -> the project modules it may import
     "chunked_loss": set(),  # the LM-head loss in token chunks (both trainers)
     # formats and data
     "packed": {"cli"},
-    "checkpoint": {"cli", "model", "tokenizer", "packed"},
+    "gguf_file": {"cli", "model", "tokenizer"},  # llama.cpp's format, read and written
+    "checkpoint": {"cli", "model", "tokenizer", "packed", "gguf_file"},
     "data": {"cli"},
     # shared machinery, evaluation, pruning
     "training": {"cli", "data", "checkpoint", "model"},
