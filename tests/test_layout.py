@@ -21,7 +21,8 @@ ALLOWED = {  # module -> the project modules it may import
     # formats and data
     "packed": {"cli"},
     "gguf_file": {"cli", "model", "tokenizer"},  # llama.cpp's format, read and written
-    "checkpoint": {"cli", "model", "tokenizer", "packed", "gguf_file"},
+    "hf": {"cli", "model", "tokenizer"},  # Hugging Face's names, config.json, Hub names, export
+    "checkpoint": {"cli", "model", "tokenizer", "packed", "hf", "gguf_file"},
     "data": {"cli"},
     # shared machinery, evaluation, pruning
     "training": {"cli", "data", "checkpoint", "model"},

@@ -1,10 +1,12 @@
 """Our tokenizers against the libraries used directly (SentencePiece, tiktoken) and Hugging Face's tokenizer."""
 import json
+import re
 
 import pytest
 
 from checkpoint import fetch_smollm2
-from tokenizer import LLAMA3_PATTERN, SentencePieceTokenizer, llama3_tokenizer, load_tokenizer
+from hf import tokenizer_json
+from tokenizer import LLAMA3_PATTERN, SentencePieceTokenizer, llama3_tokenizer, load_tokenizer, vocab_of
 
 
 def sample_texts(data_dir):
@@ -73,3 +75,154 @@ def test_smollm2_gguf_bpe_equals_huggingface(smollm2, data_dir, tmp_path):
     assert n > 30000
     tok.save(tmp_path)
     assert load_tokenizer(tmp_path).encode("x = 12345;  y <|im_start|>") == tok.encode("x = 12345;  y <|im_start|>")
+
+
+@pytest.mark.parametrize("name", ["llama2", "llama3", "smollm2"])
+def test_vocab_as_tokenizer_json_gives_our_ids_in_the_tokenizers_library(name, data_dir, request):
+    """vocab_of -> tokenizer.json -> Hugging Face's `tokenizers` reproduces our ids (what export_hf and GGUF write)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = (request.getfixturevalue("smollm2")[1] if name == "smollm2"
+           else load_tokenizer(data_dir / "tokenizers" / name))
+    vocab = vocab_of(tok)
+    assert len(vocab.tokens) == len(vocab.token_types) == tok.vocab_size
+    assert (vocab.bos_id, vocab.eos_id, vocab.add_bos) == (tok.bos_id, tok.eos_id, tok.add_bos)
+    assert (vocab.model, vocab.pre) == {"llama2": ("llama", None), "llama3": ("gpt2", "llama-bpe"),
+                                        "smollm2": ("gpt2", "smollm")}[name]
+    if name == "llama3":
+        assert len(vocab.merges) == 280147  # as many as Meta-Llama-3's own tokenizer.json
+    ref = tokenizers.Tokenizer.from_str(json.dumps(tokenizer_json(vocab)))
+    for text in sample_texts(data_dir):
+        if name == "llama2":
+            text = text.replace("<|endoftext|>", "")  # "<s>"-style specials are text to SentencePiece
+        assert ref.encode(text).ids == tok.encode(text)
+        assert ref.encode(text, add_special_tokens=False).ids == tok.encode(text, bos=False)
+
+
+# ----------------------------------------------------------------------------- Hugging Face tokenizer.json directories
+
+EDGE_TEXTS = ["", " ", "  \n\t 3.14159 $1,000 12345678", "a  1 x 12  345\n\n  7 héllo wörld 😀 It's 中文 𝔘",
+              " leading space", "trailing  ", "<s> hi</s>", "<|begin_of_text|>x<|eot_id|> <|im_start|>y\n"]
+LLAMA3_SPECIALS = (["<|begin_of_text|>", "<|end_of_text|>"] + [f"<|reserved_special_token_{i}|>" for i in range(4)]
+                   + ["<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>"]
+                   + [f"<|reserved_special_token_{i}|>" for i in range(5, 251)])
+FIXTURES = ("smollm2", "llama2", "llama2-metaspace", "llama3")
+
+
+def task_strings(data_dir, per_file=None):
+    """Every string in every record of every zero-shot task file (questions, contexts, endings, choices...)."""
+    def strings(x):
+        if isinstance(x, str):
+            yield x
+        elif isinstance(x, (list, dict)):
+            for v in (x.values() if isinstance(x, dict) else x):
+                yield from strings(v)
+    out = []
+    for f in sorted((data_dir / "tasks").glob("*.jsonl")):
+        for line in f.read_text().splitlines()[:per_file]:
+            out += strings(json.loads(line))
+    return out
+
+
+def write_fixture(name, out, data_dir, smollm2_tok):
+    """A Hub-style tokenizer directory (tokenizer.json + tokenizer_config.json) built by transformers/tokenizers,
+    not by us: SmolLM2's from its GGUF with the real file's pre-tokenizer (digits one by one, then GPT-2's
+    byte-level regex); Llama 2's from SentencePiece's pieces and scores with transformers' merge generation and
+    the Hub file's normaliser (Prepend + Replace; "-metaspace" keeps transformers 5's Metaspace instead); Llama 3's
+    from tiktoken ranks with transformers' TikTokenConverter."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import normalizers, pre_tokenizers, processors
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+    from transformers.tokenization_utils_base import generate_merges
+    out.mkdir(parents=True)
+    if name == "smollm2":
+        gguf = fetch_smollm2()
+        hf = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).backend_tokenizer
+        hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+        config = dict(bos_token="<|im_start|>", eos_token="<|im_end|>", add_bos_token=False)  # SmolLM2-Instruct's
+    elif name.startswith("llama2"):
+        import sentencepiece
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(data_dir / "tokenizers" / "llama2" / "tokenizer.model"))
+        pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+        skip = [p for i, p in enumerate(pieces) if sp.is_control(i) or sp.is_byte(i) or sp.is_unknown(i)]
+        merges = generate_merges({p: i for i, p in enumerate(pieces)}, {p: sp.get_score(i) for i, p in enumerate(pieces)},
+                                 skip_tokens=skip)
+        hf = transformers.LlamaTokenizer(vocab={p: i for i, p in enumerate(pieces)}, merges=merges).backend_tokenizer
+        if name == "llama2":
+            hf.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+            hf.pre_tokenizer = None
+        hf.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                          special_tokens=[("<s>", 1)])
+        config = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", add_bos_token=True)
+    else:
+        path = data_dir / "tokenizers" / "llama3" / "tokenizer.model"
+        hf = TikTokenConverter(str(path), extra_special_tokens=LLAMA3_SPECIALS).converted()
+        hf.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[
+            ("<|begin_of_text|>", 128000)])
+        config = dict(bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
+    hf.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps(config | {"tokenizer_class": "PreTrainedTokenizerFast"}))
+    return out
+
+
+@pytest.fixture(scope="session")
+def hf_dirs(tmp_path_factory, data_dir, smollm2):
+    """name -> a Hub-style tokenizer directory, built once per session when first asked for."""
+    built = {}
+
+    def get(name):
+        if name not in built:
+            built[name] = write_fixture(name, tmp_path_factory.mktemp("hf") / name, data_dir, smollm2[1])
+        return built[name]
+    return get
+
+
+def original_ids(name, data_dir, smollm2_tok):
+    """The original tokenizer each fixture was built from (ids without BOS), to check the fixture itself."""
+    if name == "llama2":
+        import sentencepiece
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(data_dir / "tokenizers" / "llama2" / "tokenizer.model"))
+        return sp.encode
+    if name == "llama3":
+        tok = llama3_tokenizer(data_dir / "tokenizers" / "llama3" / "tokenizer.model")
+        return lambda text: tok.encode(text, bos=False)
+    return lambda text: smollm2_tok.encode(text, bos=False)  # the GGUF's tokenizer (checked above against transformers)
+
+
+def check_ids(name, directory, texts, data_dir, smollm2_tok):
+    from tokenizers import Tokenizer
+    ref = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    tok = load_tokenizer(directory)
+    original = original_ids(name, data_dir, smollm2_tok) if name != "llama2-metaspace" else None
+    n = 0
+    for text in texts:
+        ids = tok.encode(text)
+        assert ids == ref.encode(text).ids, text[:200]
+        has_special = re.search(r"<s>|</s>|<\|", text)
+        if original and not has_special:  # the fixture's ids are the original tokenizer's
+            assert ref.encode(text, add_special_tokens=False).ids == original(text), text[:200]
+        n += len(ids)
+    return tok, n
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_hub_tokenizer_json_ids_equal_the_tokenizers_library(name, hf_dirs, data_dir, smollm2):
+    """A directory with only tokenizer.json + tokenizer_config.json: our ids are the `tokenizers` library's on a sample
+    of WikiText-2 and of every task file (the whole files: the slow test below), and the fixture's are the original's."""
+    wiki = (data_dir / "wikitext-2-raw" / "wiki.test.raw").read_text()
+    texts = [wiki[:30000], *wiki[:30000].splitlines(keepends=True), *task_strings(data_dir, per_file=25), *EDGE_TEXTS]
+    tok, n = check_ids(name, hf_dirs(name), texts, data_dir, smollm2[1])
+    assert n > 15000
+    kind, bos, eos, add_bos = {"smollm2": ("tiktoken", 1, 2, False), "llama2": ("sentencepiece-bpe", 1, 2, True),
+                               "llama2-metaspace": ("sentencepiece-bpe", 1, 2, True),
+                               "llama3": ("tiktoken", 128000, 128001, True)}[name]
+    assert (tok.kind, tok.bos_id, tok.eos_id, tok.add_bos) == (kind, bos, eos, add_bos)
+    assert tok.decode(tok.encode(wiki[3:5000], bos=False)) == wiki[3:5000]  # from "= Robert Boulter"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FIXTURES)
+def test_hub_tokenizer_json_ids_on_all_of_wikitext2_and_every_task_file(name, hf_dirs, data_dir, smollm2):
+    wiki = (data_dir / "wikitext-2-raw" / "wiki.test.raw").read_text()
+    _, n = check_ids(name, hf_dirs(name), [wiki, *task_strings(data_dir)], data_dir, smollm2[1])
+    print(f"{name}: {n} tokens equal")
