@@ -25,7 +25,7 @@ import torch
 
 from cli import UserError, atomic_write
 from model import ModelArgs, rope_frequencies
-from tokenizer import bpe_tokenizer_from_vocab
+from tokenizer import BYTE, SentencePieceBPETokenizer, Vocab, bpe_tokenizer_from_vocab, sentencepiece_merges
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 # our module names -> GGUF's (blk.{i}. prefixed inside a block)
@@ -103,12 +103,24 @@ def read_gguf(path: Path):
             continue  # rope_freqs: read into args.rope_scaling above
         name = (f"layers.{m.group(1)}." if m.group(1) else "") + OUR_NAMES[m.group(2)] + ".weight"
         state[name] = torch.from_numpy(gguf.dequantize(t.data, t.tensor_type).copy())  # q/k already in Meta's order
-    tok = None
-    if field("tokenizer.ggml.model") == "gpt2":
-        tok = bpe_tokenizer_from_vocab(field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type"),
-                                       field("tokenizer.ggml.bos_token_id"), field("tokenizer.ggml.eos_token_id"),
-                                       bool(field("tokenizer.ggml.add_bos_token", False)), field("tokenizer.ggml.pre", "gpt2"))
-    return args, state, tok
+    return args, state, tokenizer_of(field, path)
+
+
+def tokenizer_of(field, path):
+    """The tokenizer a GGUF carries: byte-level BPE (gpt2) with its merges, or SentencePiece (llama) from its scores
+    (merged as llama.cpp does: the highest-scored piece first, <0xXX> byte tokens for what no piece covers)."""
+    model, tokens, types = field("tokenizer.ggml.model"), field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type")
+    bos, eos = field("tokenizer.ggml.bos_token_id"), field("tokenizer.ggml.eos_token_id")
+    if model == "gpt2":
+        return bpe_tokenizer_from_vocab(tokens, types, bos, eos, bool(field("tokenizer.ggml.add_bos_token", False)),
+                                        field("tokenizer.ggml.pre", "gpt2"), merges=field("tokenizer.ggml.merges"))
+    if model == "llama":
+        vocab = Vocab("llama", list(tokens), [int(t) for t in types], [float(s) for s in field("tokenizer.ggml.scores")],
+                      None, None, bos, eos, bool(field("tokenizer.ggml.add_bos_token", True)))
+        vocab.merges = sentencepiece_merges(vocab)
+        return SentencePieceBPETokenizer(vocab, {}, "legacy", byte_fallback=BYTE in vocab.token_types,
+                                         ignore_merges=False, split=False)
+    raise UserError(f"{path}: its tokenizer is '{model}'; we read llama.cpp's gpt2 (BPE) and llama (SentencePiece)")
 
 
 # ----------------------------------------------------------------------------- writing
