@@ -291,3 +291,15 @@ def test_export_never_overwrites_without_overwrite(tmp_path, cli_error):
     assert load(tmp_path / "m.gguf")[0].args.dim == 64
     assert "--out is required" in cli_error(lambda: export.main(["--ckpt", str(tmp_path / "m")]))
     assert ".gguf" in cli_error(lambda: export.main(["--ckpt", str(tmp_path / "m"), "--out", str(tmp_path / "x.bin")]))
+
+
+@pytest.mark.slow
+def test_smollm2_export_reads_in_transformers(tmp_path, smollm2):
+    """python export.py --ckpt smollm2-135m --to gguf --out m.gguf: transformers' GGUF loader gives our logits."""
+    transformers = pytest.importorskip("transformers")
+    model, tok = smollm2
+    export.main(["--ckpt", "smollm2-135m", "--to", "gguf", "--out", str(tmp_path / "m.gguf"), "--gguf-type", "f32"])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", torch_dtype=torch.float32)
+    x = torch.tensor([tok.encode("The capital of France is Paris, and the capital of Italy is Rome. 12345")])
+    assert close(hf.eval()(x).logits.detach().float(), logits(model, x), 1e-4)
+    assert load(tmp_path / "m.gguf")[1].encode("Digits 2024 split") == tok.encode("Digits 2024 split")
