@@ -1,5 +1,5 @@
 """Export a checkpoint to the format an engine runs: a Hugging Face directory (transformers, vLLM) or one GGUF file
-(llama.cpp, Ollama, LM Studio). Dense, one-shot or AST 2:4 (the zeros are kept: no engine gains speed from them)
+(llama.cpp). Dense, one-shot or AST 2:4 (the zeros are kept: no engine gains speed from them)
 and PAT-merged models all export; a SLoRB model does not (no engine has SLoRB). docs/engines.md says which engine
 runs which output and what it gains.
 

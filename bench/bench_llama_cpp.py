@@ -4,6 +4,7 @@ llama.cpp, minutes.)
 
     python bench/bench_llama_cpp.py                                  # agreement + speed, 432 / 448 / 512 wide PAT models
     python bench/bench_llama_cpp.py --widths 432 --repeat 3 --ppl-windows 2    # quicker
+    python bench/bench_llama_cpp.py --no-agreement --widths 448,432,416        # speed only
 
 Models, all made here from the dense checkpoint in seconds (the shapes are what the speed depends on):
 - dense: --ckpt as it is;
@@ -56,6 +57,7 @@ class LlamaCppBench:
     repeat: int = 5  # timed runs per model (median)
     threads: int = 1  # llama.cpp threads for the timing (the perplexity uses 2)
     extra_bufts: bool = False  # llama.cpp's extra weight buffers (AMX, repacking)
+    agreement: bool = True  # the perplexity comparison (--no-agreement: speed only)
     data_dir: str | None = None  # default ./data, then ../shared/data
     out: str = ""  # directory for the GGUFs and results.json ("": a temporary directory)
 
@@ -171,11 +173,13 @@ def print_tables(a, agree, timing):
     import llama_cpp
     print(f"\nllama-cpp-python {llama_cpp.__version__}, {llama_cpp.llama_print_system_info().decode().strip()}")
     print(f"extra buffers (AMX, repacking) {'on' if a.extra_bufts else 'off'}; timing threads {a.threads}\n")
-    print(f"Agreement: WikiText-2 test, first {a.ppl_windows} windows of {a.ppl_seq_len} tokens\n")
-    print("| model | width | GGUF type | ppl ours (fp32) | ppl llama.cpp | difference |")
-    print("|---|---:|---|---:|---:|---:|")
-    for r in agree:
-        print(f"| {r['model']} | {r['width']} | {r['type']} | {r['ours']:.3f} | {r['llama_cpp']:.3f} | {r['rel']:+.3%} |")
+    if agree:
+        print(f"Agreement: WikiText-2 test, first {a.ppl_windows} windows of {a.ppl_seq_len} tokens\n")
+        print("| model | width | GGUF type | ppl ours (fp32) | ppl llama.cpp | difference |")
+        print("|---|---:|---|---:|---:|---:|")
+        for r in agree:
+            print(f"| {r['model']} | {r['width']} | {r['type']} | {r['ours']:.3f} | {r['llama_cpp']:.3f} | "
+                  f"{r['rel']:+.3%} |")
     print(f"\nSpeed: {a.prompt_len}-token prompt, {a.decode_steps} decode steps, median of {a.repeat}\n")
     print("| model | width | GGUF type | prompt tok/s | vs dense | generation tok/s | vs dense |")
     print("|---|---:|---|---:|---:|---:|---:|")
@@ -193,7 +197,7 @@ def main(argv=None) -> dict:
     with contextlib.ExitStack() as stack:
         out_dir = Path(a.out) if a.out else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         out_dir.mkdir(parents=True, exist_ok=True)
-        agree = agreement(a, ours, vocab, wikitext.windows, out_dir)
+        agree = agreement(a, ours, vocab, wikitext.windows, out_dir) if a.agreement else []
         timing = speed(a, ours, vocab, wikitext.windows.flatten().tolist(), out_dir)
         result = dict(config=asdict(a), agreement=agree, speed=timing)
         if a.out:
