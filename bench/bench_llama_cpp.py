@@ -4,13 +4,16 @@ llama.cpp, minutes.)
 
     python bench/bench_llama_cpp.py                                  # agreement + speed, 432 / 448 / 512 wide PAT models
     python bench/bench_llama_cpp.py --widths 432 --repeat 3 --ppl-windows 2    # quicker
-    python bench/bench_llama_cpp.py --no-agreement --widths 448,432,416        # speed only
+    python bench/bench_llama_cpp.py --no-agreement --widths 448,432,416        # tokenizers and speed only
+    python bench/bench_llama_cpp.py --no-agreement --no-speed                   # tokenizers only (a minute)
 
 Models, all made here from the dense checkpoint in seconds (the shapes are what the speed depends on):
 - dense: --ckpt as it is;
 - 2:4: one-shot magnitude 2:4 on the seven projections (sparsity.prune; the zeros are stored as zeros);
 - PAT: pat.prune_channels keeping the channels of largest embedding norm, merged into a narrower Llama: exactly
   the shapes a trained PAT model of that width has (as bench/bench_pat_speed.py does).
+0. Tokenizers: llama.cpp's tokenizer on a GGUF we wrote (vocabulary only) gives our ids on the first 100,000
+   characters of WikiText-2 test, for --ckpt's tokenizer and for Llama 2's and Llama 3's (../shared/data/tokenizers).
 1. Agreement: llama.cpp's perplexity on our WikiText-2 windows (the same token ids, every position's logits) vs
    ours (float32 torch), for dense, 2:4 and the first --widths PAT model, stored f32 and f16 (q8_0 for reference).
 2. Speed: prompt processing (--prompt-len tokens in one batch) and generation (--decode-steps single-token
@@ -37,12 +40,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from checkpoint import load  # noqa: E402
 from cli import cli_main, parse_config  # noqa: E402
-from data import resolve_data_dir  # noqa: E402
+from data import resolve_data_dir, wikitext2_text  # noqa: E402
 from eval import WikiText2, window_nlls  # noqa: E402
 from gguf_file import write_gguf  # noqa: E402
+from model import ModelArgs, Transformer  # noqa: E402
 from pat import prune_channels, top_n  # noqa: E402
 from sparsity import prune  # noqa: E402
-from tokenizer import vocab_of  # noqa: E402
+from tokenizer import SentencePieceTokenizer, llama3_tokenizer, vocab_of  # noqa: E402
 
 
 @dataclass
@@ -57,7 +61,8 @@ class LlamaCppBench:
     repeat: int = 5  # timed runs per model (median)
     threads: int = 1  # llama.cpp threads for the timing (the perplexity uses 2)
     extra_bufts: bool = False  # llama.cpp's extra weight buffers (AMX, repacking)
-    agreement: bool = True  # the perplexity comparison (--no-agreement: speed only)
+    agreement: bool = True  # the perplexity comparison (slow: nine llama.cpp perplexity runs)
+    speed: bool = True  # the speed comparison
     data_dir: str | None = None  # default ./data, then ../shared/data
     out: str = ""  # directory for the GGUFs and results.json ("": a temporary directory)
 
@@ -108,6 +113,29 @@ def llama_cpp_ppl(llm, windows) -> float:
         lse = top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
         nlls.append(float((lse - logits[np.arange(len(w) - 1), w[1:]]).mean()))
     return math.exp(statistics.fmean(nlls))
+
+
+def tokenizer_agreement(tok, data_dir, out_dir) -> list:
+    """Our ids and llama.cpp's on WikiText-2 text, through a vocabulary-only GGUF of each tokenizer."""
+    import llama_cpp
+    tokenizers = {"checkpoint": tok}
+    if (data_dir / "tokenizers" / "llama2" / "tokenizer.model").exists():
+        tokenizers["Llama 2"] = SentencePieceTokenizer((data_dir / "tokenizers" / "llama2" / "tokenizer.model").read_bytes())
+    if (data_dir / "tokenizers" / "llama3" / "tokenizer.model").exists():
+        tokenizers["Llama 3"] = llama3_tokenizer(data_dir / "tokenizers" / "llama3" / "tokenizer.model")
+    text = wikitext2_text(data_dir)[:100_000]
+    rows = []
+    for name, t in tokenizers.items():
+        vocab = vocab_of(t)
+        path = out_dir / f"vocab-{name.replace(' ', '')}.gguf"
+        tiny = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=len(vocab.tokens), hidden_dim=32))
+        write_gguf(tiny, vocab, path, "f32")
+        with contextlib.closing(llama_cpp.Llama(str(path), vocab_only=True, verbose=False)) as llm:
+            theirs = llm.tokenize(text.encode(), add_bos=t.add_bos, special=False)
+        ours = t.encode(text)
+        rows.append(dict(tokenizer=name, model=vocab.model, ours=len(ours), llama_cpp=len(theirs), equal=ours == theirs))
+        print(f"tokenizer {name} ({vocab.model}): {len(ours)} ids, llama.cpp's equal: {ours == theirs}", flush=True)
+    return rows
 
 
 def agreement(a, ours, vocab, windows, out_dir) -> list:
@@ -169,20 +197,26 @@ def speed(a, ours, vocab, ids, out_dir) -> list:
     return rows
 
 
-def print_tables(a, agree, timing):
+def print_tables(a, tokens, agree, timing):
     import llama_cpp
     print(f"\nllama-cpp-python {llama_cpp.__version__}, {llama_cpp.llama_print_system_info().decode().strip()}")
     print(f"extra buffers (AMX, repacking) {'on' if a.extra_bufts else 'off'}; timing threads {a.threads}\n")
+    print("Tokenizers: WikiText-2 test, first 100,000 characters\n")
+    print("| tokenizer | GGUF model | ids (ours) | ids (llama.cpp) | equal |")
+    print("|---|---|---:|---:|---|")
+    for r in tokens:
+        print(f"| {r['tokenizer']} | {r['model']} | {r['ours']} | {r['llama_cpp']} | {'yes' if r['equal'] else 'NO'} |")
     if agree:
-        print(f"Agreement: WikiText-2 test, first {a.ppl_windows} windows of {a.ppl_seq_len} tokens\n")
+        print(f"\nAgreement: WikiText-2 test, first {a.ppl_windows} windows of {a.ppl_seq_len} tokens\n")
         print("| model | width | GGUF type | ppl ours (fp32) | ppl llama.cpp | difference |")
         print("|---|---:|---|---:|---:|---:|")
         for r in agree:
             print(f"| {r['model']} | {r['width']} | {r['type']} | {r['ours']:.3f} | {r['llama_cpp']:.3f} | "
                   f"{r['rel']:+.3%} |")
-    print(f"\nSpeed: {a.prompt_len}-token prompt, {a.decode_steps} decode steps, median of {a.repeat}\n")
-    print("| model | width | GGUF type | prompt tok/s | vs dense | generation tok/s | vs dense |")
-    print("|---|---:|---|---:|---:|---:|---:|")
+    if timing:
+        print(f"\nSpeed: {a.prompt_len}-token prompt, {a.decode_steps} decode steps, median of {a.repeat}\n")
+        print("| model | width | GGUF type | prompt tok/s | vs dense | generation tok/s | vs dense |")
+        print("|---|---:|---|---:|---:|---:|---:|")
     for r in sorted(timing, key=lambda r: (r["type"], -r["width"])):
         print(f"| {r['model']} | {r['width']} | {r['type']} | {r['pp']:.1f} | {r['pp_ratio']:.2f}x | "
               f"{r['tg']:.1f} | {r['tg_ratio']:.2f}x |")
@@ -192,17 +226,19 @@ def main(argv=None) -> dict:
     a = parse_config(LlamaCppBench, argv)
     dense, tok = load(a.ckpt)
     torch.set_num_threads(2)
-    wikitext = WikiText2(tok, resolve_data_dir(a.data_dir), a.ppl_seq_len, a.ppl_windows)
+    data_dir = resolve_data_dir(a.data_dir)
+    wikitext = WikiText2(tok, data_dir, a.ppl_seq_len, a.ppl_windows)
     ours, vocab = models(a, dense), vocab_of(tok)
     with contextlib.ExitStack() as stack:
         out_dir = Path(a.out) if a.out else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         out_dir.mkdir(parents=True, exist_ok=True)
+        tokens = tokenizer_agreement(tok, data_dir, out_dir)
         agree = agreement(a, ours, vocab, wikitext.windows, out_dir) if a.agreement else []
-        timing = speed(a, ours, vocab, wikitext.windows.flatten().tolist(), out_dir)
-        result = dict(config=asdict(a), agreement=agree, speed=timing)
+        timing = speed(a, ours, vocab, wikitext.windows.flatten().tolist(), out_dir) if a.speed else []
+        result = dict(config=asdict(a), tokenizers=tokens, agreement=agree, speed=timing)
         if a.out:
             (out_dir / "results.json").write_text(json.dumps(result, indent=1))
-    print_tables(a, agree, timing)
+    print_tables(a, tokens, agree, timing)
     return result
 
 
