@@ -34,6 +34,7 @@ GGUF_NAMES = {"tok_embeddings": "token_embd", "norm": "output_norm", "output": "
               "feed_forward.w1": "ffn_gate", "feed_forward.w2": "ffn_down", "feed_forward.w3": "ffn_up",
               "attention_norm": "attn_norm", "ffn_norm": "ffn_norm"}
 OUR_NAMES = {v: k for k, v in GGUF_NAMES.items()}
+LLAMA_CPP_PRE = {"gpt2": "gpt-2"}  # Vocab.pre -> llama.cpp's tokenizer.ggml.pre where the two differ
 LLAMA31_DEFAULTS = dict(low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
 
 
@@ -145,8 +146,11 @@ def add_vocab(writer, vocab, vocab_size: int, source: str) -> None:
     tokens += [f"[PAD{i}]" for i in range(len(tokens), vocab_size)]
     types += [5] * n_pad  # UNUSED
     writer.add_tokenizer_model(vocab.model)
-    if vocab.pre:
-        writer.add_tokenizer_pre(vocab.pre)
+    if vocab.model == "gpt2":  # llama.cpp refuses a name it does not know, and splits text by default without one
+        if vocab.pre is None:
+            raise UserError(f"{source}: the tokenizer's split regex has no llama.cpp pre-tokenizer name (we know "
+                            f"GPT-2's, SmolLM2's and Llama 3's): llama.cpp would split text differently")
+        writer.add_tokenizer_pre(LLAMA_CPP_PRE.get(vocab.pre, vocab.pre))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     if vocab.scores is not None:

@@ -14,7 +14,8 @@ Models, all made here from the dense checkpoint in seconds (the shapes are what 
   the shapes a trained PAT model of that width has (as bench/bench_pat_speed.py does).
 0. Tokenizers: llama.cpp's tokenizer on a GGUF we wrote (vocabulary only) gives our ids on the first 100,000
    characters of WikiText-2 test, for --ckpt's tokenizer and for Llama 2's and Llama 3's (../shared/data/tokenizers).
-1. Agreement: llama.cpp's perplexity on our WikiText-2 windows (the same token ids, every position's logits) vs
+1. Agreement: a random Llama with Llama 3.1's RoPE scaling, logits over 3,000 positions, llama.cpp vs ours; and
+   llama.cpp's perplexity on our WikiText-2 windows (the same token ids, every position's logits) vs
    ours (float32 torch), for dense, 2:4 and the first --widths PAT model, stored f32 and f16 (q8_0 for reference).
 2. Speed: prompt processing (--prompt-len tokens in one batch) and generation (--decode-steps single-token
    decodes after it; no sampling) tokens/s from llama.cpp's own counters (llama_perf_context), dense vs each PAT
@@ -138,6 +139,27 @@ def tokenizer_agreement(tok, data_dir, out_dir) -> list:
     return rows
 
 
+def rope_scaling_agreement(vocab, out_dir, length=3000) -> dict:
+    """A random Llama with Llama 3.1's RoPE scaling (its rope_freqs table) through llama.cpp: the largest logit
+    difference to ours before and after position 2048 (where the scaling changes the model), relative to ours."""
+    import llama_cpp
+    torch.manual_seed(0)
+    scaling = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+    model = Transformer(ModelArgs(dim=128, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=len(vocab.tokens),
+                                  hidden_dim=256, rope_theta=500000.0, rope_scaling=scaling, max_seq_len=8192)).eval()
+    write_gguf(model, vocab, out_dir / "rope-llama31.gguf", "f32")
+    ids = torch.randint(0, 256, (length,), generator=torch.Generator().manual_seed(1)).tolist()
+    with torch.no_grad():
+        ref = model(torch.tensor([ids]))[0].numpy()
+    with contextlib.closing(open_gguf(out_dir / "rope-llama31.gguf", 2, False, 4096, logits_all=True)) as llm:
+        llm.eval(ids)
+        err = np.abs(np.asarray(llm.scores[:length]) - ref).max(axis=1) / np.abs(ref).max()
+    row = dict(before_2048=float(err[:2048].max()), after_2048=float(err[2048:].max()))
+    print(f"Llama 3.1 RoPE scaling: llama.cpp vs ours, max relative logit difference {row['before_2048']:.1e} "
+          f"before position 2048, {row['after_2048']:.1e} after", flush=True)
+    return row
+
+
 def agreement(a, ours, vocab, windows, out_dir) -> list:
     rows = []
     first_pat = f"PAT {a.widths.split(',')[0]}"
@@ -233,9 +255,10 @@ def main(argv=None) -> dict:
         out_dir = Path(a.out) if a.out else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         out_dir.mkdir(parents=True, exist_ok=True)
         tokens = tokenizer_agreement(tok, data_dir, out_dir)
+        rope = rope_scaling_agreement(vocab, out_dir) if a.agreement else {}
         agree = agreement(a, ours, vocab, wikitext.windows, out_dir) if a.agreement else []
         timing = speed(a, ours, vocab, wikitext.windows.flatten().tolist(), out_dir) if a.speed else []
-        result = dict(config=asdict(a), tokenizers=tokens, agreement=agree, speed=timing)
+        result = dict(config=asdict(a), tokenizers=tokens, rope_scaling=rope, agreement=agree, speed=timing)
         if a.out:
             (out_dir / "results.json").write_text(json.dumps(result, indent=1))
     print_tables(a, tokens, agree, timing)

@@ -140,6 +140,7 @@ def test_pat_gguf_keeps_width_and_head_dim_and_reads_back(tmp_path):
 def test_tokenizer_metadata(tmp_path):
     meta, _ = fields(write(tiny(), tmp_path / "m.gguf"))
     assert meta["tokenizer.ggml.model"] == "gpt2" and len(meta["tokenizer.ggml.tokens"]) == 258
+    assert meta["tokenizer.ggml.pre"] == "gpt-2"  # llama.cpp's name for GPT-2's split (it refuses "gpt2")
     assert (meta["tokenizer.ggml.bos_token_id"], meta["tokenizer.ggml.eos_token_id"]) == (256, 257)
     assert meta["tokenizer.ggml.add_bos_token"] is True
     assert list(meta["tokenizer.ggml.token_type"][255:]) == [1, 3, 3]  # byte 255 normal, <s> </s> control
