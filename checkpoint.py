@@ -136,7 +136,7 @@ def load(ckpt, device="cpu", dtype=torch.float32, tokenizer=True):
         try:
             tok = load_tokenizer(path)
         except (ValueError, KeyError, OSError) as e:  # a tokenizer file we can't read, or of a kind we don't
-            raise UserError(f"{path}: {e}" if isinstance(e, ValueError) else
+            raise UserError((str(e) if str(path) in str(e) else f"{path}: {e}") if isinstance(e, ValueError) else
                             f"{path}: cannot read its tokenizer files ({type(e).__name__}: {e})") from None
     if tokenizer and tok is None:
         raise UserError(f"no tokenizer in {path}: add tokenizer.model (Llama 2/3) or tokenizer.json (Hugging Face) "

@@ -74,7 +74,7 @@ def unsupported(cfg: dict) -> list:
     found += [f"{k}={cfg[k]} (mixture of experts)" for k in MOE_KEYS if (cfg.get(k) or 0) > 1]
     if cfg.get("hidden_act", "silu") != "silu":
         found.append(f"hidden_act '{cfg['hidden_act']}'")
-    scaling = cfg.get("rope_scaling") or {}
+    scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}  # transformers 5 says rope_parameters
     if scaling.get("rope_type", scaling.get("type", "default")) not in ("llama3", "default"):
         found.append(f"rope_scaling type '{scaling.get('rope_type', scaling.get('type'))}'")
     return found
@@ -95,9 +95,9 @@ def model_args(cfg: dict, path) -> ModelArgs:
     try:
         return ModelArgs(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
                          n_heads=cfg["num_attention_heads"], n_kv_heads=cfg.get("num_key_value_heads"),
-                         vocab_size=cfg["vocab_size"], hidden_dim=cfg["intermediate_size"], head_dim=cfg.get("head_dim"),
-                         norm_eps=cfg["rms_norm_eps"], rope_theta=theta, rope_scaling=scaling,
-                         max_seq_len=cfg.get("max_position_embeddings", 4096),
+                         vocab_size=cfg["vocab_size"], hidden_dim=cfg["intermediate_size"],
+                         head_dim=cfg.get("head_dim"), norm_eps=cfg["rms_norm_eps"], rope_theta=theta,
+                         rope_scaling=scaling, max_seq_len=cfg.get("max_position_embeddings", 4096),
                          tie_embeddings=cfg.get("tie_word_embeddings", False))
     except KeyError as e:
         raise UserError(f"{path}: config.json lacks {e}; is this a Llama model's config?") from None
@@ -183,8 +183,12 @@ def tokenizer_config(vocab: Vocab) -> dict:
 
 def save_tokenizer(tokenizer, out: Path):
     """tokenizer.json, tokenizer_config.json, generation_config.json (the files a Hugging Face directory we read
-    came with, else written from vocab_of), and tokenizer.model for SentencePiece."""
+    came with, else written from vocab_of), and tokenizer.model for SentencePiece. tokenizer_class is always the
+    generic PreTrainedTokenizerFast, which encodes as tokenizer.json says."""
     files = dict(tokenizer.hf_files)
+    if "tokenizer_config.json" in files:  # transformers 5's LlamaTokenizer class swaps the file's normaliser for
+        config = json.loads(files["tokenizer_config.json"])  # its own Metaspace: the generic class keeps it
+        files["tokenizer_config.json"] = json.dumps(config | {"tokenizer_class": "PreTrainedTokenizerFast"}, indent=2)
     if "tokenizer.json" not in files:
         vocab = vocab_of(tokenizer)
         files["tokenizer.json"] = json.dumps(tokenizer_json(vocab), ensure_ascii=False)

@@ -20,6 +20,8 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # GGUF's and SentencePiece's token types
+
 # Llama 3's split regex (meta-llama/llama3 tokenizer.py)
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -117,8 +119,12 @@ class SentencePieceBPETokenizer:
         self.rank = {tuple(m.split(" ")): r for r, m in enumerate(vocab.merges)}
         self.unk_id = next((i for i, t in enumerate(vocab.token_types) if t == UNKNOWN), None)
         self.added_re = re.compile("|".join(map(re.escape, sorted(added, key=len, reverse=True)))) if added else None
-        safe = split or not any(re.search("[^▁]▁", t) for t in vocab.tokens)
-        self.piece_re = re.compile("▁*[^▁]+|▁+") if safe else None
+        if split:  # Metaspace's split: every "▁" starts a piece
+            self.piece_re = re.compile("▁[^▁]*|[^▁]+")
+        elif not any(re.search("[^▁]▁", t) for t in vocab.tokens):
+            self.piece_re = re.compile("▁*[^▁]+|▁+")
+        else:  # a token runs across a "▁": the text is one piece (slow, rare)
+            self.piece_re = None
         self.cache = {}
 
     def _bpe(self, piece):
@@ -232,7 +238,6 @@ def bpe_tokenizer_from_vocab(tokens, token_types, bos_id, eos_id, add_bos, pre, 
 
 # ----------------------------------------------------------------------------- one vocabulary for every writer
 
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # GGUF's and SentencePiece's token types
 PRE_OF_PATTERN = {SMOLLM_PATTERN: "smollm", LLAMA3_PATTERN: "llama-bpe", GPT2_PATTERN: "gpt2"}  # llama.cpp's names
 
 
@@ -240,10 +245,10 @@ PRE_OF_PATTERN = {SMOLLM_PATTERN: "smollm", LLAMA3_PATTERN: "llama-bpe", GPT2_PA
 class Vocab:
     """A tokenizer as the files that store one write it (tokenizer.json, GGUF), whatever class reads it here."""
     model: str                  # "gpt2" (byte-level BPE) or "llama" (SentencePiece-style, with scores)
-    tokens: list                # id -> text: GPT-2 byte characters for BPE; ▁-pieces and <0xXX> for SentencePiece
-    token_types: list           # NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE
-    scores: list | None         # SentencePiece scores (higher merges first); None for BPE
-    merges: list | None         # "a b" BPE merges in priority order; None for SentencePiece
+    tokens: list[str]           # id -> text: GPT-2 byte characters for BPE; ▁-pieces and <0xXX> for SentencePiece
+    token_types: list[int]      # NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE
+    scores: list[float] | None  # SentencePiece scores (higher merges first); None for BPE
+    merges: list[str] | None    # "a b" BPE merges in priority order; None for SentencePiece
     pre: str | None             # llama.cpp's pre-tokenizer name for BPE ("smollm", "llama-bpe", "gpt2"); None if other
     bos_id: int
     eos_id: int
@@ -346,11 +351,13 @@ def apply_hf_config(tok, directory, token_id):
     for key, attr in (("bos_token", "bos_id"), ("eos_token", "eos_id")):
         if config.get(key) is not None:
             if token_id(_content(config[key])) is None:
-                raise ValueError(f"{d / 'tokenizer_config.json'}: {key} {_content(config[key])!r} is not in the vocabulary")
+                raise ValueError(f"{d / 'tokenizer_config.json'}: {key} {_content(config[key])!r} is not in the "
+                                 f"vocabulary")
             setattr(tok, attr, token_id(_content(config[key])))
     if "add_bos_token" in config:
         tok.add_bos = bool(config["add_bos_token"])
-    generation = json.loads((d / "generation_config.json").read_text()) if (d / "generation_config.json").exists() else {}
+    generation_file = d / "generation_config.json"
+    generation = json.loads(generation_file.read_text()) if generation_file.exists() else {}
     stop = generation.get("eos_token_id", tok.eos_id)
     tok.stop_ids = tuple(stop) if isinstance(stop, list) else (stop,)
     if tok.eos_id is None:
@@ -410,11 +417,11 @@ def tokenizer_from_json(directory):
     if spec.get("normalizer") and byte_level:
         raise ValueError(f"{d / 'tokenizer.json'}: normalizer {spec['normalizer']['type']} is not supported")
     if byte_level:
+        pattern = _bytelevel_pattern(spec.get("pre_tokenizer"))
         merged = [ids.get(m.replace(" ", "")) for m in merges]
         if None in merged or any(a > b for a, b in zip(merged, merged[1:])):
             raise ValueError(f"{d / 'tokenizer.json'}: merges are not in token-id order, which tiktoken needs")
-        tok = bpe_tokenizer_from_vocab(tokens, types, bos_id, eos_id, add_bos, None, merges,
-                                       pattern=_bytelevel_pattern(spec.get("pre_tokenizer")))
+        tok = bpe_tokenizer_from_vocab(tokens, types, bos_id, eos_id, add_bos, None, merges, pattern=pattern)
         tok.from_json = True
         return apply_hf_config(tok, d, lambda t: ids.get(t))
     return apply_hf_config(_sentencepiece_bpe_from_json(spec, d, tokens, types, merges, bos_id, eos_id, add_bos),
@@ -428,7 +435,9 @@ def _sentencepiece_bpe_from_json(spec, d, tokens, types, merges, bos_id, eos_id,
     if norm == legacy and pre is None:
         prepend, split = "legacy", False
     elif norm is None and pre and pre["type"] == "Metaspace" and pre.get("replacement") == "▁":
-        prepend, split = pre.get("prepend_scheme", "always"), pre.get("split", True)
+        # files written before `prepend_scheme` existed say add_prefix_space instead
+        prepend = pre.get("prepend_scheme") or ("always" if pre.get("add_prefix_space", True) else "never")
+        split = pre.get("split", True)
     else:
         raise ValueError(f"{d / 'tokenizer.json'}: normalizer {json.dumps(norm)[:80]} with pre-tokenizer "
                          f"{json.dumps(pre)[:80]} is not supported (we read Llama 2's: Prepend+Replace, or Metaspace)")

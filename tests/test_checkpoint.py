@@ -218,7 +218,7 @@ def tiny_model_for(tiny_args, vocab_size, tie):
     return Transformer(tiny_args(vocab_size=vocab_size, tie_embeddings=tie)).eval()
 
 
-@pytest.mark.parametrize("which", ["llama2", "llama3", "smollm2"])
+@pytest.mark.parametrize("which", ["llama2", pytest.param("llama3", marks=pytest.mark.slow), "smollm2"])
 def test_hf_export_loads_in_transformers_with_our_ids_and_logits(which, tiny_args, data_dir, smollm2, tmp_path):
     """export_hf writes the tokenizer in Hugging Face's files: AutoTokenizer gives our ids, AutoModelForCausalLM our
     logits, and checkpoint.load reads the export back with the same ids."""
@@ -320,3 +320,32 @@ def test_hub_names_resolve_through_huggingface_hub(tiny_args, data_dir, tmp_path
     assert "hf download HuggingFaceTB/SmolLM2-135M" in err and "couldn't connect" in err
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # the package is not installed
     assert "pip install huggingface_hub" in cli_error(lambda: load("HuggingFaceTB/SmolLM2-135M"))
+
+
+def test_a_tokenizer_json_we_dont_read_is_one_line_naming_the_part(tiny_args, data_dir, tmp_path, cli_error):
+    hub = hub_model(tiny_args, data_dir, tmp_path / "hub")
+    spec = json.loads((hub / "tokenizer.json").read_text())
+    (hub / "tokenizer.json").write_text(json.dumps(spec | {"normalizer": {"type": "NFKC"}}))
+    assert "normalizer {\"type\": \"NFKC\"}" in cli_error(lambda: load(hub))
+    (hub / "tokenizer.json").write_text(json.dumps(spec | {"model": spec["model"] | {"type": "WordPiece"}}))
+    assert "a WordPiece model with these options is not supported" in cli_error(lambda: load(hub))
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
+    pre = {"type": "Sequence", "pretokenizers": [{"type": "Punctuation"}, byte_level]}
+    (hub / "tokenizer.json").write_text(json.dumps(spec | {"pre_tokenizer": pre, "normalizer": None}))
+    assert "pre-tokenizer" in cli_error(lambda: load(hub)) and "Punctuation" in cli_error(lambda: load(hub))
+
+
+def test_hf_export_of_a_hub_llama2_directory_keeps_its_ids_in_transformers(tiny_args, data_dir, tmp_path):
+    """A Hub Llama 2 directory says tokenizer_class LlamaTokenizer, and transformers 5's LlamaTokenizer replaces the
+    file's Prepend+Replace normaliser by its own Metaspace, which adds no "▁" before a leading space (not
+    SentencePiece's ids). The export names the generic class, so AutoTokenizer encodes as the file says."""
+    hub = hub_model(tiny_args, data_dir, tmp_path / "hub")
+    config = json.loads((hub / "tokenizer_config.json").read_text()) | {"tokenizer_class": "LlamaTokenizer"}
+    (hub / "tokenizer_config.json").write_text(json.dumps(config))
+    text = " = Robert Boulter = \n"
+    assert transformers.AutoTokenizer.from_pretrained(hub)(text)["input_ids"] == [1, 353, 4755, 350, 5059, 357, 353, 29871, 13]
+    model, tok = load(hub)
+    assert tok.encode(text) == [1, 29871, 353, 4755, 350, 5059, 357, 353, 29871, 13]  # SentencePiece's
+    export_hf(model, tok, tmp_path / "export")
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "export")(text)["input_ids"] == tok.encode(text)
+    assert json.loads((tmp_path / "export" / "tokenizer_config.json").read_text())["bos_token"] == "<s>"

@@ -123,7 +123,7 @@ def task_strings(data_dir, per_file=None):
     return out
 
 
-def write_fixture(name, out, data_dir, smollm2_tok):
+def write_fixture(name, out, data_dir):
     """A Hub-style tokenizer directory (tokenizer.json + tokenizer_config.json) built by transformers/tokenizers,
     not by us: SmolLM2's from its GGUF with the real file's pre-tokenizer (digits one by one, then GPT-2's
     byte-level regex); Llama 2's from SentencePiece's pieces and scores with transformers' merge generation and
@@ -166,13 +166,13 @@ def write_fixture(name, out, data_dir, smollm2_tok):
 
 
 @pytest.fixture(scope="session")
-def hf_dirs(tmp_path_factory, data_dir, smollm2):
+def hf_dirs(tmp_path_factory, data_dir):
     """name -> a Hub-style tokenizer directory, built once per session when first asked for."""
     built = {}
 
     def get(name):
         if name not in built:
-            built[name] = write_fixture(name, tmp_path_factory.mktemp("hf") / name, data_dir, smollm2[1])
+            built[name] = write_fixture(name, tmp_path_factory.mktemp("hf") / name, data_dir)
         return built[name]
     return get
 
@@ -226,3 +226,40 @@ def test_hub_tokenizer_json_ids_on_all_of_wikitext2_and_every_task_file(name, hf
     wiki = (data_dir / "wikitext-2-raw" / "wiki.test.raw").read_text()
     _, n = check_ids(name, hf_dirs(name), [wiki, *task_strings(data_dir)], data_dir, smollm2[1])
     print(f"{name}: {n} tokens equal")
+
+
+def test_hf_config_sets_bos_eos_add_bos_and_stop_ids_beside_a_tokenizer_model(data_dir, tmp_path):
+    """tokenizer_config.json and generation_config.json apply to tokenizer.model too (Llama 3.1 Instruct's
+    original/tokenizer.model with EOS <|eot_id|> and three stop ids; a Llama 2 without BOS); save() keeps them."""
+    llama3, llama2 = tmp_path / "llama3", tmp_path / "llama2"
+    (llama3 / "original").mkdir(parents=True)
+    llama2.mkdir()
+    (llama3 / "original" / "tokenizer.model").write_bytes((data_dir / "tokenizers/llama3/tokenizer.model").read_bytes())
+    (llama3 / "tokenizer_config.json").write_text(json.dumps(dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")))
+    (llama3 / "generation_config.json").write_text(json.dumps(dict(eos_token_id=[128001, 128008, 128009])))
+    (llama2 / "tokenizer.model").write_bytes((data_dir / "tokenizers/llama2/tokenizer.model").read_bytes())
+    (llama2 / "tokenizer_config.json").write_text(json.dumps(dict(add_bos_token=False, eos_token={"content": "</s>"})))
+    tok3, tok2 = load_tokenizer(llama3), load_tokenizer(llama2)
+    assert (tok3.kind, tok3.bos_id, tok3.eos_id, tok3.stop_ids, tok3.add_bos) == (
+        "tiktoken", 128000, 128009, (128001, 128008, 128009), True)
+    assert (tok2.kind, tok2.eos_id, tok2.stop_ids, tok2.add_bos) == ("sentencepiece", 2, (2,), False)
+    assert tok2.encode("Hello") == [15043] and tok3.encode("Hello") == [128000, 9906]
+    for tok in (tok3, tok2):
+        (tmp_path / f"copy-{tok.kind}").mkdir()
+        tok.save(tmp_path / f"copy-{tok.kind}")
+        back = load_tokenizer(tmp_path / f"copy-{tok.kind}")
+        assert (back.bos_id, back.eos_id, back.stop_ids, back.add_bos) == (tok.bos_id, tok.eos_id, tok.stop_ids, tok.add_bos)
+    (llama2 / "tokenizer_config.json").write_text(json.dumps(dict(eos_token="<|im_end|>")))
+    with pytest.raises(ValueError, match="eos_token '<\\|im_end\\|>' is not in the vocabulary"):
+        load_tokenizer(llama2)
+
+
+def test_metaspace_that_splits_every_space_equals_the_tokenizers_library(hf_dirs, tmp_path):
+    """Metaspace(split=true) (the default of files that don't say) starts a piece at every "▁": "▁▁" never forms."""
+    from tokenizers import Tokenizer
+    spec = json.loads((hf_dirs("llama2-metaspace") / "tokenizer.json").read_text())
+    spec["pre_tokenizer"] |= {"split": True}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    ref, tok = Tokenizer.from_file(str(tmp_path / "tokenizer.json")), load_tokenizer(tmp_path)
+    for text in ["a  b    c", "   leading", "x\n  \n   y  ", *EDGE_TEXTS]:
+        assert tok.encode(text) == ref.encode(text).ids, text
