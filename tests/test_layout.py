@@ -21,8 +21,9 @@ ALLOWED = {  # module -> the project modules it may import
     "chunked_loss": set(),  # the LM-head loss in token chunks (both trainers)
     # formats and data
     "packed": {"cli"},
+    "gguf_file": {"cli", "model", "tokenizer"},  # llama.cpp's format, read and written
     "hf": {"cli", "model", "tokenizer"},  # Hugging Face's names, config.json, Hub names, export
-    "checkpoint": {"cli", "model", "tokenizer", "packed", "hf"},
+    "checkpoint": {"cli", "model", "tokenizer", "packed", "hf", "gguf_file"},
     "data": {"cli"},
     # shared machinery, evaluation, pruning
     "training": {"cli", "data", "checkpoint", "model"},
@@ -39,6 +40,7 @@ ALLOWED = {  # module -> the project modules it may import
     # the two trainers at the top: never each other, never kernels24
     "train_ast": TRAINER_MAY_IMPORT,
     "train_pat": TRAINER_MAY_IMPORT | {"pat"},
+    "export": {"cli", "checkpoint", "gguf_file", "tokenizer"},  # to the engines: Hugging Face directory or GGUF
 }
 FORBIDDEN = {"bench", "tests"}  # folders nothing may import from
 DYNAMIC_IMPORTS = {"__import__", "import_module", "importorskip"}  # f("name") calls that import a module
