@@ -145,12 +145,13 @@ def tokenizer_json(vocab: Vocab) -> dict:
         special_tokens={bos: dict(id=bos, ids=[vocab.bos_id], tokens=[bos])})
     if vocab.model == "gpt2":
         byte_level = dict(type="ByteLevel", add_prefix_space=False, trim_offsets=True, use_regex=True)
+        pattern = LLAMA3_PATTERN if vocab.pre == "llama-bpe" else vocab.pattern  # any other regex: Split by it
         pre = {"gpt2": byte_level,
                "smollm": dict(type="Sequence", pretokenizers=[dict(type="Digits", individual_digits=True), byte_level]),
-               "llama-bpe": dict(type="Sequence", pretokenizers=[
-                   dict(type="Split", pattern={"Regex": LLAMA3_PATTERN}, behavior="Isolated", invert=False),
-                   byte_level | dict(use_regex=False)])}.get(vocab.pre)
-        if pre is None:
+               }.get(vocab.pre) or (pattern and dict(type="Sequence", pretokenizers=[
+                   dict(type="Split", pattern={"Regex": pattern}, behavior="Isolated", invert=False),
+                   byte_level | dict(use_regex=False)]))
+        if not pre:
             raise ValueError(f"no tokenizer.json pre-tokenizer for '{vocab.pre}' (known: gpt2, smollm, llama-bpe)")
         model = dict(type="BPE", dropout=None, unk_token=None, continuing_subword_prefix=None, end_of_word_suffix=None,
                      fuse_unk=False, byte_fallback=False, ignore_merges=True, vocab=in_model,

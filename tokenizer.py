@@ -253,6 +253,7 @@ class Vocab:
     bos_id: int
     eos_id: int
     add_bos: bool
+    pattern: str | None = None  # BPE's split regex, for a tokenizer.json Split when llama.cpp has no name for it
 
 
 def gpt2_byte_encoder() -> dict:
@@ -296,7 +297,7 @@ def _tiktoken_vocab(tok) -> Vocab:
         types = list(tok.token_types)
     merges = list(tok.merges) if tok.merges is not None else merges_from_ranks(tok.ranks)
     return Vocab("gpt2", tokens, types, None, merges, PRE_OF_PATTERN.get(tok.pattern), tok.bos_id, tok.eos_id,
-                 tok.add_bos)
+                 tok.add_bos, tok.pattern)
 
 
 def vocab_of(tok) -> Vocab:

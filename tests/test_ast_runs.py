@@ -108,8 +108,9 @@ def test_torchrun_two_processes_equal_one_with_the_same_global_batch(tiny_run):
     ma, mb = load_masks(tiny_run / "one" / "final"), load_masks(tiny_run / "two" / "final")
     assert all(torch.equal(ma[k], mb[k]) for k in ma)  # the same mask updates
     a, b = weights(tiny_run / "one"), weights(tiny_run / "two")
-    for k in a:  # the same update up to float summation order (gradients are averaged across ranks)
-        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
+    for k in a:  # the same update up to float summation order (gradients are averaged across ranks); Adam turns a
+        # summation-order difference in a near-zero gradient into up to lr (1e-2) per step: atol is 1% of one step
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
 
 
 def test_nan_loss_stops_with_the_last_checkpoint(tiny_run, monkeypatch):
@@ -307,7 +308,7 @@ def test_fsdp_evaluates_resumes_after_a_kill_and_equals_the_uninterrupted_run_an
     masks, masks_one = load_masks(root / "calm" / "final"), load_masks(root / "one" / "final")
     assert all(torch.equal(masks[k], masks_one[k]) for k in masks)
     for k in calm:  # 1 process: another summation order, grown by Adam's normalisation
-        torch.testing.assert_close(one[k], calm[k], rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(one[k], calm[k], rtol=1e-3, atol=1e-4)  # as two processes vs one, above
 
 
 @pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared/data")

@@ -6,7 +6,8 @@ import pytest
 
 from checkpoint import fetch_smollm2
 from hf import tokenizer_json
-from tokenizer import LLAMA3_PATTERN, SentencePieceTokenizer, llama3_tokenizer, load_tokenizer, vocab_of
+from tokenizer import (LLAMA3_PATTERN, SentencePieceTokenizer, TiktokenTokenizer, llama3_tokenizer, load_tokenizer,
+                       vocab_of)
 
 
 def sample_texts(data_dir):
@@ -96,6 +97,18 @@ def test_vocab_as_tokenizer_json_gives_our_ids_in_the_tokenizers_library(name, d
             text = text.replace("<|endoftext|>", "")  # "<s>"-style specials are text to SentencePiece
         assert ref.encode(text).ids == tok.encode(text)
         assert ref.encode(text, add_special_tokens=False).ids == tok.encode(text, bos=False)
+
+
+def test_a_split_regex_llama_cpp_has_no_name_for_goes_into_tokenizer_json_as_a_split(data_dir):
+    """A byte-level BPE with any other split regex (the trainers' tests use one) exports as Split + ByteLevel."""
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = TiktokenTokenizer({bytes([i]): i for i in range(256)} | {b"  ": 256, b"th": 257, b"the": 258},
+                            {"<s>": 259}, r"\S+|\s+", bos_id=259, eos_id=259, add_bos=True, specials_in_text=False)
+    vocab = vocab_of(tok)
+    assert vocab.pre is None and vocab.pattern == r"\S+|\s+"
+    ref = tokenizers.Tokenizer.from_str(json.dumps(tokenizer_json(vocab)))
+    for text in sample_texts(data_dir)[:200] + ["the  then\n\n  x", "héllo 中文 12"]:
+        assert ref.encode(text).ids == tok.encode(text)
 
 
 # ----------------------------------------------------------------------------- Hugging Face tokenizer.json directories
