@@ -1,5 +1,6 @@
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -76,3 +77,27 @@ def cli_error(capsys):
         assert e.value.code == 1 and err.count("\n") == 1, err
         return err
     return run
+
+
+# ----------------------------------------------------------------------------- a full disk, as each writer reports it
+
+def torch_save_short_write(obj, path):
+    """What torch.save raises when the disk fills mid-file: no errno, only a position mismatch."""
+    Path(path).write_bytes(b"PK partial")
+    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+
+def safetensors_full(path):
+    Path(path).write_bytes(b"partial")
+    raise Exception("Error while serializing: I/O error: No space left on device (os error 28)")  # SafetensorError
+
+
+def oserror_full(path):
+    Path(path).write_bytes(b"partial")
+    raise OSError(28, "No space left on device")
+
+
+@pytest.fixture
+def full_disk():
+    """Writers that fail as each library does on a full disk: .torch_save(obj, path), .safetensors(path), .oserror(path)."""
+    return SimpleNamespace(torch_save=torch_save_short_write, safetensors=safetensors_full, oserror=oserror_full)

@@ -124,8 +124,6 @@ def test_nan_loss_stops_with_the_last_checkpoint(tiny_run, monkeypatch):
         train_ast.main(run_args(tiny_run, tiny_run / "nan", "--ckpt-interval", "0"))
 
 
-
-
 def test_sigterm_checkpoints_at_the_step_boundary_and_resumes_exactly(tiny_run, monkeypatch, capsys):
     """What a scheduler sends before preemption: the run saves at the end of that step, exits with one line
     naming --resume, and the resumed run ends equal to an uninterrupted one, log included."""
@@ -324,7 +322,6 @@ def test_fsdp_state_pt_holds_the_full_optimizer_state(fsdp_runs):
     assert not torch.equal(m[: len(m) // 2], m[len(m) // 2 :])
 
 
-
 # ----------------------------------------------------------------------------- what a user types: exports, resume
 # flags, a full disk, a second run
 
@@ -377,18 +374,7 @@ def test_resume_with_a_changed_defining_flag_is_refused_on_a_real_run(tiny_run, 
     assert training.load_state(out / "state.pt")["step"] == 3
 
 
-def torch_save_short_write(obj, path):
-    """What torch.save raises when the disk fills mid-file: no errno, only a position mismatch."""
-    Path(path).write_bytes(b"PK partial")
-    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
-
-
-def safetensors_full(path):
-    Path(path).write_bytes(b"partial")
-    raise Exception("Error while serializing: I/O error: No space left on device (os error 28)")  # SafetensorError
-
-
-def test_a_full_disk_says_so_and_keeps_the_last_checkpoint_then_resumes(tiny_run, monkeypatch):
+def test_a_full_disk_says_so_and_keeps_the_last_checkpoint_then_resumes(tiny_run, monkeypatch, full_disk):
     """The disk fills while step 6's checkpoint is written, then while final/ is written: one line each naming what
     was kept (state.pt of step 3, then of step 6), and --resume finishes the run equal to an undisturbed one."""
     import checkpoint
@@ -396,7 +382,7 @@ def test_a_full_disk_says_so_and_keeps_the_last_checkpoint_then_resumes(tiny_run
     monkeypatch.chdir(tiny_run)
     train_ast.main(run_args(tiny_run, tiny_run / "roomy", "--no-eval", "--ckpt-interval", "3"))
     out, real_save = tiny_run / "full", torch.save
-    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: torch_save_short_write(obj, f)
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: full_disk.torch_save(obj, f)
                         if isinstance(obj, dict) and obj.get("step") == 6 else real_save(obj, f, *a, **k))
     with pytest.raises(UserError, match=f"^the disk is full: could not write {out / 'state.pt'} .*: the checkpoint of "
                                         f"step 6 was not saved; {out / 'state.pt'} still holds the last good checkpoint"):
@@ -404,7 +390,7 @@ def test_a_full_disk_says_so_and_keeps_the_last_checkpoint_then_resumes(tiny_run
     assert training.load_state(out / "state.pt")["step"] == 3
     monkeypatch.setattr(torch, "save", real_save)
     real_save_file = checkpoint.save_file
-    monkeypatch.setattr(checkpoint, "save_file", lambda tensors, path, *a, **k: safetensors_full(path))
+    monkeypatch.setattr(checkpoint, "save_file", lambda tensors, path, *a, **k: full_disk.safetensors(path))
     with pytest.raises(UserError, match=f"^the disk is full: could not write .*model.safetensors .*, exporting "
                                         f"{out / 'final'}; {out / 'state.pt'} keeps the trained model: free some space "
                                         "and run again with --resume to export it$"):

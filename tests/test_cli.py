@@ -318,25 +318,10 @@ def test_lock_dir_names_the_other_process_and_a_dead_ones_lock_never_blocks(tmp_
 
 # ----------------------------------------------------------------------------- a full disk
 
-def torch_save_short_write(obj, path):
-    """What torch.save raises when the disk fills mid-file: no errno, only a position mismatch."""
-    Path(path).write_bytes(b"PK partial")
-    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
 
-
-def safetensors_full(path):
-    Path(path).write_bytes(b"partial")
-    raise Exception("Error while serializing: I/O error: No space left on device (os error 28)")  # SafetensorError
-
-
-def oserror_full(path):
-    Path(path).write_bytes(b"partial")
-    raise OSError(28, "No space left on device")
-
-
-@pytest.mark.parametrize("write", [lambda p: torch_save_short_write({}, p), safetensors_full, oserror_full],
-                         ids=["torch.save", "safetensors", "OSError"])
-def test_atomic_write_on_a_full_disk_is_one_line_and_keeps_the_previous_file(tmp_path, write):
+@pytest.mark.parametrize("writer", ["torch_save", "safetensors", "oserror"])
+def test_atomic_write_on_a_full_disk_is_one_line_and_keeps_the_previous_file(tmp_path, writer, full_disk):
+    write = (lambda p: full_disk.torch_save({}, p)) if writer == "torch_save" else getattr(full_disk, writer)
     path = tmp_path / "f.bin"
     with pytest.raises(cli.DiskFull, match=rf"^the disk is full: could not write {path} \(.* MiB free\); nothing was "
                                            "written there$"):

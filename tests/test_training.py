@@ -1,7 +1,6 @@
 """Shared training machinery: schedule, flags, atomic checkpoints, exact data resume; FSDP/DDP helpers."""
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -106,10 +105,8 @@ def test_plot_log_skips_empty_series_and_draws_nothing_it_cannot(tmp_path, monke
     assert not (tmp_path / "none.png").exists() and "no plot" in capsys.readouterr().out
 
 
-def test_a_full_disk_keeps_the_last_checkpoint_and_every_earlier_log_record(tmp_path, monkeypatch):
-    def torch_save_short_write(obj, path):  # torch.save on a full disk: no errno, only a position mismatch
-        Path(path).write_bytes(b"PK partial")
-        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+def test_a_full_disk_keeps_the_last_checkpoint_and_every_earlier_log_record(tmp_path, monkeypatch, full_disk):
+    torch_save_short_write = full_disk.torch_save
     path = tmp_path / "state.pt"
     monkeypatch.setattr(torch, "save", torch_save_short_write)
     with pytest.raises(UserError, match="^the disk is full: could not write .*state.pt .*: the checkpoint of step 3 "
