@@ -52,10 +52,16 @@ def check_hf_width(model_args) -> None:
 
 def main(argv=None) -> Path:
     args = parse_config(ExportArgs, argv)
+    made_out = args.to == "hf" and not Path(args.out or ".").exists()
     out = check_out(args)
     model, tokenizer = checkpoint.load(args.ckpt, device="cpu", dtype=DTYPES[args.dtype])
     if args.to == "hf":
-        check_hf_width(model.args)
+        try:
+            check_hf_width(model.args)
+        except UserError:
+            if made_out:  # check_out made it to test it: a refused export leaves nothing behind
+                out.rmdir()
+            raise
         checkpoint.export_hf(model, tokenizer, out)
     else:
         write_gguf(model, vocab_of(tokenizer), out, args.gguf_type)
