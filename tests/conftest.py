@@ -101,3 +101,22 @@ def oserror_full(path):
 def full_disk():
     """Writers that fail as each library does on a full disk: .torch_save(obj, path), .safetensors(path), .oserror(path)."""
     return SimpleNamespace(torch_save=torch_save_short_write, safetensors=safetensors_full, oserror=oserror_full)
+
+
+@pytest.fixture
+def another_run_locks():
+    """another_run_locks(dir) -> the pid of a separate process that holds cli.lock_dir(dir) until the test ends."""
+    import subprocess
+    holders = []
+
+    def lock(path):
+        holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); import cli; "
+                                   "cli.lock_dir(sys.argv[2]); print('locked', flush=True); time.sleep(300)",
+                                   str(ROOT), str(path)], stdout=subprocess.PIPE, text=True)
+        holders.append(holder)
+        assert holder.stdout.readline().strip() == "locked"
+        return holder.pid
+    yield lock
+    for holder in holders:
+        holder.kill()
+        holder.wait()

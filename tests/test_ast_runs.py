@@ -405,33 +405,26 @@ def test_a_full_disk_says_so_and_keeps_the_last_checkpoint_then_resumes(tiny_run
 
 
 @pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared/data")
-def test_two_ranks_into_a_locked_out_stop_at_once_with_one_line_from_rank_0(tiny_run, tmp_path):
+def test_two_ranks_into_a_locked_out_stop_at_once_with_one_line_from_rank_0(tiny_run, tmp_path, another_run_locks):
     """Rank 0 alone takes the lock (a second rank taking it would find rank 0's and fail every run) and tells the
     others: with another run holding --out, both ranks exit 1 at once, rank 0 with the line naming that run's pid,
     rank 1 silent. Launched as a scheduler does (RANK, WORLD_SIZE in each process's environment, no torchrun agent
     to kill a rank left waiting at a barrier)."""
     out = tmp_path / "run"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); import cli; "
-                               "cli.lock_dir(sys.argv[2]); print('locked', flush=True); time.sleep(300)",
-                               str(ROOT), str(out)], stdout=subprocess.PIPE, text=True)
+    pid = another_run_locks(out)
+    ranks = [subprocess.Popen([sys.executable, str(ROOT / "train_ast.py"), *run_args(tiny_run, out, "--device", "cpu")],
+                              cwd=tiny_run, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "RANK": str(r),
+                                   "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                                   "MASTER_PORT": "29571"}) for r in range(2)]
     try:
-        assert holder.stdout.readline().strip() == "locked"
-        ranks = [subprocess.Popen([sys.executable, str(ROOT / "train_ast.py"), *run_args(tiny_run, out, "--device", "cpu")],
-                                  cwd=tiny_run, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                  env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "RANK": str(r),
-                                       "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-                                       "MASTER_PORT": "29571"}) for r in range(2)]
-        try:
-            said = [rank.communicate(timeout=90) for rank in ranks]
-        finally:
-            for rank in ranks:
-                rank.kill()
+        said = [rank.communicate(timeout=90) for rank in ranks]
     finally:
-        holder.kill()
-        holder.wait()
+        for rank in ranks:
+            rank.kill()
     assert [rank.returncode for rank in ranks] == [1, 1]
-    assert said[0][1] == f"error: --out {out} is in use by another run (pid {holder.pid}); wait for it to end, or " \
+    assert said[0][1] == f"error: --out {out} is in use by another run (pid {pid}); wait for it to end, or " \
                          f"choose another --out\n"
     assert said[1][1] == "" and said[1][0] == "" and said[0][0] == ""
     assert sorted(p.name for p in out.iterdir()) == [".lock"]  # the holder's, left by its SIGKILL; nothing of ours

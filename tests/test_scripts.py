@@ -258,23 +258,14 @@ def test_resume_and_overwrite_together_is_one_line(script, tmp_path, capsys, no_
 
 
 @pytest.mark.parametrize("script", TRAINERS)
-def test_a_second_run_into_a_locked_out_names_the_first(script, tmp_path, capsys, no_model_loads):
-    import subprocess
-    import sys
+def test_a_second_run_into_a_locked_out_names_the_first(script, tmp_path, capsys, no_model_loads, another_run_locks):
     out = tmp_path / "run"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); import cli; "
-                               "cli.lock_dir(sys.argv[2]); print('locked', flush=True); time.sleep(120)",
-                               str(ROOT), str(out)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        for argv in (["--out", str(out)], ["--out", str(out), "--overwrite"], ["--out", str(out), "--resume"]):
-            line = one_error_line(script, argv, capsys)
-            assert line == f"error: --out {out.resolve()} is in use by another run (pid {holder.pid}); wait for it " \
-                           f"to end, or choose another --out"
-    finally:
-        holder.kill()
-        holder.wait()
+    pid = another_run_locks(out)
+    for argv in (["--out", str(out)], ["--out", str(out), "--overwrite"], ["--out", str(out), "--resume"]):
+        line = one_error_line(script, argv, capsys)
+        assert line == f"error: --out {out.resolve()} is in use by another run (pid {pid}); wait for it " \
+                       f"to end, or choose another --out"
 # ----------------------------------------------------------------------------- bench/ scripts (run as a user runs them)
 
 def run_bench(script, *argv, cwd=ROOT):
