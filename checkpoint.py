@@ -227,8 +227,10 @@ def _torch_load(path: Path):
 
 def read_meta(path: Path):
     params = _read_json(path / "params.json")
+    if not isinstance(params, dict):
+        raise UserError(f"{path / 'params.json'} has no 'dim': is this a Meta Llama checkpoint?")
     for key in ("dim", "n_layers", "n_heads", "multiple_of"):
-        if not isinstance(params, dict) or key not in params:
+        if key not in params:
             raise UserError(f"{path / 'params.json'} has no '{key}': is this a Meta Llama checkpoint?")
     check_params(params, path / "params.json", META_PARAMS)
     shards = [_torch_load(p) for p in sorted(path.glob("consolidated.*.pth"))]

@@ -198,6 +198,11 @@ def _writable_dir(directory: Path, path: Path, what: str):
                         f"choose a writable place") from None
 
 
+def _file_above(path: Path) -> Path | None:
+    """The file standing where one of path's directories should be, if any."""
+    return next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+
+
 def check_output_file(path, flag: str | None = None) -> Path:
     """Before the work, not after it: `path` is a writable place for a file (not a directory, its directory exists
     and takes a new file). Creates nothing that stays. flag (e.g. "--json"): named in the line."""
@@ -205,7 +210,7 @@ def check_output_file(path, flag: str | None = None) -> Path:
     if path.is_dir():
         raise UserError(f"cannot write {what}{path}: it is a directory; give a file name inside it")
     parent = path.parent
-    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    blocker = _file_above(path)
     if blocker:
         raise UserError(f"cannot write {what}{path}: {blocker} is a file, not a directory")
     if not parent.is_dir():
@@ -233,7 +238,7 @@ def check_output_dir(path, overwrite=False, resumable=False, flag: str = "--out"
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        blocker = _file_above(path)
         why = f"{blocker} is a file, not a directory" if blocker else e.strerror.lower()
         raise UserError(f"cannot create {flag} {path}: {why}; choose another {flag}") from None
     _writable_dir(path, path, f"{flag} ")

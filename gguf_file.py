@@ -126,7 +126,7 @@ def tokenizer_of(field, path):
 
 # ----------------------------------------------------------------------------- writing
 
-def tensor_type(gguf, name: str, shape: tuple, gguf_type: str):
+def tensor_type(gguf, shape: tuple, gguf_type: str):
     """The GGML type one tensor is stored in: 1-D tensors f32; q8_0 rows not a multiple of 32 wide f16."""
     q = gguf.GGMLQuantizationType
     if len(shape) == 1:
@@ -197,7 +197,7 @@ def write_gguf(model, vocab, path, gguf_type: str = "f16") -> None:
         writer.add_rope_freq_base(a.rope_theta)
         writer.add_layer_norm_rms_eps(a.norm_eps)
         add_vocab(writer, vocab, a.vocab_size, str(path))
-        types = [tensor_type(gguf, name, tuple(v.shape), gguf_type) for name, v in plan]
+        types = [tensor_type(gguf, tuple(v.shape), gguf_type) for _, v in plan]
         for (name, v), qtype in zip(plan, types):  # tensor infos first: the data is then written one tensor at a time
             shape = tuple(v.shape)
             byte_shape = gguf.quant_shape_to_byte_shape(shape, qtype)

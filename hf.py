@@ -40,14 +40,16 @@ def hf_name(name: str) -> str:
     return f"model.layers.{i}.{HF_LAYER[module]}.weight"
 
 
+OUR_TOP = {v: k for k, v in HF_TOP.items()}
+OUR_LAYER = {v: k for k, v in HF_LAYER.items()}
+
+
 def our_name(hf: str) -> str:
     """Hugging Face's state-dict name -> ours (unknown names come back unchanged, and build() reports them)."""
-    top = {v: k for k, v in HF_TOP.items()}
-    if hf in top:
-        return top[hf]
+    if hf in OUR_TOP:
+        return OUR_TOP[hf]
     m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", hf)
-    layer = {v: k for k, v in HF_LAYER.items()}
-    return f"layers.{m.group(1)}.{layer[m.group(2)]}.weight" if m and m.group(2) in layer else hf
+    return f"layers.{m.group(1)}.{OUR_LAYER[m.group(2)]}.weight" if m and m.group(2) in OUR_LAYER else hf
 
 
 def hf_to_meta_rows(w, n_heads):

@@ -108,7 +108,7 @@ def _open_run(args, kind, state_keys, reads):
     state = load_state(out / "state.pt")
     check_resume(state, args, kind, state_keys, out / "state.pt")
     step = state["step"]
-    if step >= args.max_steps and (out / "final").is_dir():
+    if finished(args, state):
         print(f"{out} already finished {step} of --max-steps {args.max_steps}; its results are in "
               f"{out / 'final'}. Nothing to do (raise --max-steps to train on).")
     elif step > args.max_steps:

@@ -231,7 +231,7 @@ def bpe_tokenizer_from_vocab(tokens, token_types, bos_id, eos_id, add_bos, pre, 
             special[tok] = i
         else:
             ranks[bytes(byte_of[c] for c in tok)] = i
-    pattern = pattern or {"smollm": SMOLLM_PATTERN, "llama-bpe": LLAMA3_PATTERN}.get(pre, GPT2_PATTERN)
+    pattern = pattern or PATTERN_OF_PRE.get(pre, GPT2_PATTERN)
     return TiktokenTokenizer(ranks, special, pattern, bos_id, eos_id, add_bos, specials_in_text=True, name=pre or "bpe",
                              merges=merges, token_types=list(token_types))
 
@@ -239,6 +239,7 @@ def bpe_tokenizer_from_vocab(tokens, token_types, bos_id, eos_id, add_bos, pre, 
 # ----------------------------------------------------------------------------- one vocabulary for every writer
 
 PRE_OF_PATTERN = {SMOLLM_PATTERN: "smollm", LLAMA3_PATTERN: "llama-bpe", GPT2_PATTERN: "gpt2"}  # llama.cpp's names
+PATTERN_OF_PRE = {name: pattern for pattern, name in PRE_OF_PATTERN.items()}
 
 
 @dataclass
@@ -351,10 +352,11 @@ def apply_hf_config(tok, directory, token_id):
     d, config = Path(directory), _hf_config(directory)
     for key, attr in (("bos_token", "bos_id"), ("eos_token", "eos_id")):
         if config.get(key) is not None:
-            if token_id(_content(config[key])) is None:
+            i = token_id(_content(config[key]))
+            if i is None:
                 raise ValueError(f"{d / 'tokenizer_config.json'}: {key} {_content(config[key])!r} is not in the "
                                  f"vocabulary")
-            setattr(tok, attr, token_id(_content(config[key])))
+            setattr(tok, attr, i)
     if "add_bos_token" in config:
         tok.add_bos = bool(config["add_bos_token"])
     generation_file = d / "generation_config.json"

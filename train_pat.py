@@ -144,7 +144,7 @@ def finish(pat, model, tokenizer, wikitext, args, step, log, refs) -> dict:
             "ppl_protocol": wikitext.describe() if wikitext else None, "ppl_windows": args.ppl_windows,
             "ppl_seq_len": args.ppl_seq_len, "refs": refs}
 
-    def write(final):  # the plot first: final/ appears whole, last (an interrupted export leaves none to resume)
+    def write(final):  # weights and plot: final/ appears whole, last (an interrupted export leaves none to resume)
         checkpoint.save(merged, tokenizer, final, meta=meta)
         training.plot_log(log.path, out / "log.png", ["loss", "task", "count_loss", "identity", "open", "tau", "ppl",
                                                       "lr"],

@@ -275,8 +275,6 @@ def main(argv=None):
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         raise UserError(f"--arms: unknown {', '.join(unknown)}; choose from {', '.join(ARMS)}")
-    if args.seed < 0:
-        raise UserError(f"--seed {args.seed}: must be 0 or more")
     if args.threads:
         torch.set_num_threads(args.threads)
     data_dir = resolve_data_dir(args.data_dir)
@@ -300,7 +298,6 @@ def main(argv=None):
         record["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                           text=True).stdout.strip()
         results[arm] = record
-        root.mkdir(parents=True, exist_ok=True)
         atomic_write(results_path, lambda p: Path(p).write_text(json.dumps(results, indent=1)))
         print(f"{arm}: {json.dumps(record)}", flush=True)
     if results_path.exists():
