@@ -36,6 +36,7 @@ import sparsity
 from cli import DTYPES, Device, DType, UserError, atomic_write, check_output_dir, cli_main, parse_config, resolve_device
 from data import c4_paths, calibration_windows, resolve_data_dir
 from model import PROJECTION_STAGES, PROJECTIONS
+from tokenizer import clear_tokenizer_files
 
 # files of a checkpoint directory that the packed form replaces (masks = positions, recoverable)
 REPLACED_FILES = {"model.safetensors", "masks.safetensors"}
@@ -147,8 +148,9 @@ def pack_checkpoint(cfg: PackConfig) -> dict:
                  for k, v in state.items()}
     tensors, layout = packed.pack_state_dict(state, names, masks, cfg.bits, cfg.group_size, cfg.positions, grids,
                                              DTYPES[cfg.dtype] if cfg.dtype else None)
-    for name in REPLACED_FILES:  # --overwrite of an old checkpoint: load() must not read its dense weights
-        (out / name).unlink(missing_ok=True)
+    for name in REPLACED_FILES | {"meta.json", "config.json"}:  # --overwrite of an old checkpoint: load() must not
+        (out / name).unlink(missing_ok=True)  # read its dense weights, nor keep its meta.json when --ckpt has none
+    clear_tokenizer_files(out)  # nor its tokenizer: the copy below brings --ckpt's
     packed.save_packed(tensors, layout, out / packed.PACKED_FILE)
     for f in sorted(ckpt.iterdir()):  # params.json, tokenizer files, meta.json: copied as they are
         if f.is_file() and f.name not in REPLACED_FILES:

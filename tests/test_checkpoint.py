@@ -19,6 +19,7 @@ from checkpoint import export_hf, fetch_smollm2, load, load_masks, save
 from cli import UserError, cli_main
 from model import Transformer
 from packed import PACKED_FILE
+from tokenizer import load_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -430,3 +431,25 @@ def test_save_over_a_packed_or_masked_folder_leaves_only_the_new_model(tiny_args
     assert not (tmp_path / "meta.json").exists()
     tokens = torch.randint(0, 256, (1, 8))
     assert torch.equal(load(tmp_path, tokenizer=False)[0](tokens), new(tokens))
+
+
+def test_a_save_or_export_over_another_models_folder_leaves_only_the_new_tokenizer_and_format(tiny_args, data_dir,
+                                                                                              tmp_path):
+    """--overwrite into another model's folder: load_tokenizer read an earlier tokenizer.tiktoken before the new
+    tokenizer.model (Llama 3's ids for a Llama 2 model), and an hf export kept params.json, so load() read it as ours."""
+    llama2, llama3 = (load_tokenizer(data_dir / "tokenizers" / name) for name in ("llama2", "llama3"))
+    from_json = tmp_path / "json"
+    export_hf(Transformer(tiny_args()), llama2, from_json)
+    (from_json / "tokenizer.model").unlink()
+    llama2_json = load_tokenizer(from_json)
+    model, out, text = Transformer(tiny_args()), tmp_path / "out", "Hello world"
+    save(model, llama3, out)
+    save(model, llama2, out)
+    assert load_tokenizer(out).encode(text) == llama2.encode(text) != llama3.encode(text)
+    save(model, llama2_json, out)
+    assert load_tokenizer(out).kind == "sentencepiece-bpe" and not (out / "tokenizer.model").exists()
+    save(model, llama3, out, masks={"layers.0.attention.wq": torch.ones(64, 64, dtype=torch.bool)}, meta={"a": 1})
+    export_hf(model, None, out)
+    assert load_tokenizer(out) is None and load_masks(out) is None and not (out / "meta.json").exists()
+    tokens = torch.randint(0, 256, (1, 8))
+    assert torch.equal(load(out, tokenizer=False)[0](tokens), model(tokens))

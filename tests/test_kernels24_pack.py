@@ -200,11 +200,13 @@ def test_pack_never_leaves_a_mixed_folder_and_takes_a_name(tmp_path, cli_error):
     the packed ones (before, it kept reading the old model.safetensors). A model name resolves like everywhere."""
     ckpt, _ = make_2to4_checkpoint(tmp_path, tiny_model(seed=1))
     old = tmp_path / "old"
-    checkpoint.save(tiny_model(seed=2), ByteTokenizer(), old)  # a different (dense) model
+    checkpoint.save(tiny_model(seed=2), ByteTokenizer(), old, meta={"method": "dense"})  # a different model,
+    (old / "tokenizer.model").write_bytes(b"its tokenizer")  # which load_tokenizer would read before the copied one
     err = cli_error(lambda: pack.main(["--ckpt", str(ckpt), "--out", str(old)]))
     assert "already holds" in err and "--overwrite" in err
     pack.main(["--ckpt", str(ckpt), "--out", str(old), "--overwrite"])
     assert not (old / "model.safetensors").exists()
+    assert not (old / "meta.json").exists() and not (old / "tokenizer.model").exists()
     packed_model, _ = load(old, tokenizer=False)
     source, _ = load(ckpt, tokenizer=False)
     for k, v in source.state_dict().items():
