@@ -17,6 +17,7 @@ import inspect
 import io
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -37,9 +38,12 @@ class DiskFull(UserError):
     """A write that found no space left: the line says what was kept."""
 
 
+CPU_OOM = "DefaultCPUAllocator: can't allocate memory"  # torch's message when the CPU allocation fails
+
+
 def cli_main(main):
-    """Run a script's main(); bad input (and a full disk) ends with one line on stderr and exit status 1. Locks taken
-    with lock_dir are released however main() ends."""
+    """Run a script's main(); bad input (and a full disk, or memory run out) ends with one line on stderr and exit
+    status 1. Locks taken with lock_dir are released however main() ends."""
     try:
         main()
     except UserError as e:
@@ -50,6 +54,15 @@ def cli_main(main):
             raise
         print(f"error: the disk is full{f' writing {e.filename}' if e.filename else ''}; free some space and run again",
               file=sys.stderr)
+        sys.exit(1)
+    except RuntimeError as e:  # torch.OutOfMemoryError (CUDA) is one; the CPU allocator raises a plain one
+        where = "the GPU" if isinstance(e, torch.OutOfMemoryError) else "the CPU" if CPU_OOM in str(e) else None
+        if where is None:
+            raise
+        n_bytes, size = re.search(r"allocate (\d+) bytes", str(e)), re.search(r"allocate ([\d.]+ [KMGT]iB)", str(e))
+        asked = f"{int(n_bytes[1]) / 2 ** 30:.2f} GiB" if n_bytes else size[1] if size else None
+        print(f"error: out of memory on {where}{f' (tried to allocate {asked})' if asked else ''}: use smaller "
+              f"batches or shorter sequences (--batch-size, --seq-len, --nsamples: see --help)", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -345,6 +345,24 @@ def test_cli_main_reports_a_full_disk_anywhere_as_one_line(capsys):
         cli_main(lambda: (_ for _ in ()).throw(OSError(5, "Input/output error")))
 
 
+def test_cli_main_reports_memory_run_out_as_one_line(capsys):
+    """--batch-size 100000 ended in torch's allocator traceback; a CUDA OOM names its size in another form."""
+    with pytest.raises(SystemExit) as e:
+        cli_main(lambda: torch.empty(2 ** 50, dtype=torch.uint8))  # a real failed CPU allocation, 1 PiB
+    assert e.value.code == 1
+    hint = "use smaller batches or shorter sequences (--batch-size, --seq-len, --nsamples: see --help)\n"
+    assert capsys.readouterr().err == f"error: out of memory on the CPU (tried to allocate 1048576.00 GiB): {hint}"
+
+    def cuda_oom():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of "
+                                     "79.19 GiB of which 3.12 GiB is free.")
+    with pytest.raises(SystemExit):
+        cli_main(cuda_oom)
+    assert capsys.readouterr().err == f"error: out of memory on the GPU (tried to allocate 20.00 GiB): {hint}"
+    with pytest.raises(RuntimeError, match="shapes cannot"):  # another RuntimeError is a bug: its traceback stays
+        cli_main(lambda: torch.zeros(2, 3) @ torch.zeros(2, 3))
+
+
 def test_atomic_dir_appears_whole_or_not_at_all(tmp_path):
     final = tmp_path / "final"
 
