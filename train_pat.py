@@ -159,6 +159,14 @@ def finish(pat, model, tokenizer, wikitext, args, step, log, refs) -> dict:
     return meta
 
 
+def calibration_batches(batches, n: int, device):
+    """The next n training batches one at a time, with a progress line: a large --calib-batches takes long."""
+    progress = Progress("channel norms", n, unit="batches")
+    for i in range(n):
+        yield batches.next()[0].to(device)
+        progress.redraw(i + 1)
+
+
 def train(args, rank, world_size, device) -> dict | None:
     """One run from --ckpt to <out>/final/: PAT, or with --ratio 0 LoRA alone. Returns final/meta.json on rank 0
     (read back if the run had already finished), None on the other ranks."""
@@ -190,7 +198,7 @@ def train(args, rank, world_size, device) -> dict | None:
     baseline = args.baseline != "none" and wikitext is not None
     if args.ratio > 0 and resumed is None and (args.mask_init == "rms" or baseline):
         start = batches.state_dict()
-        norms = residual_channel_norms(model, [batches.next()[0].to(device) for _ in range(args.calib_batches)])
+        norms = residual_channel_norms(model, calibration_batches(batches, args.calib_batches, device))
         batches.load_state_dict(start)  # rewound, so every --mask-init trains on the same batches
         if master and baseline:  # the one-shot prune of the lowest-norm channels at PAT's width, on the same windows
             pruned = prune_channels(model, top_n(norms, target_width(model.args.dim, args.ratio, args.width_multiple)))

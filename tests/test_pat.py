@@ -533,6 +533,12 @@ def test_runs_with_empty_plot_series_end_with_a_plot(pat_run, tmp_path, flags, c
     assert (tmp_path / "run" / "final" / "model.safetensors").exists() and (tmp_path / "run" / "log.png").exists()
 
 
+def test_the_channel_norms_show_their_progress(pat_run, tmp_path, capsys):
+    """--calib-batches 10**6 printed nothing for hours (and held every batch in a list first)."""
+    pat_run(tmp_path / "run", "--calib-batches", "3", "--baseline", "none", "--no-eval")
+    assert "channel norms 3/3" in capsys.readouterr().err
+
+
 def test_a_width_multiple_that_keeps_every_channel_is_one_line(pat_run, tmp_path):
     from cli import UserError
     with pytest.raises(UserError, match="^--ratio 0.25 with --width-multiple 1000 keeps all 64 channels of .*tiny: "
