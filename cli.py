@@ -35,7 +35,12 @@ class UserError(Exception):
 
 
 class DiskFull(UserError):
-    """A write that found no space left: the line says what was kept."""
+    """A write that found no space left: the line says what failed (`failed`, for a caller to add to) and what was
+    kept."""
+
+    def __init__(self, failed: str, kept: str):
+        super().__init__(f"{failed}; {kept}")
+        self.failed = failed
 
 
 CPU_OOM = "DefaultCPUAllocator: can't allocate memory"  # torch's message when the CPU allocation fails
@@ -327,7 +332,7 @@ def atomic_write(path, write):
         tmp.unlink(missing_ok=True)
         free = shutil.disk_usage(path.parent).free
         kept = f"the previous {path.name} there is kept as it was" if path.exists() else "nothing was written there"
-        raise DiskFull(f"the disk is full: could not write {path} ({free / 2 ** 20:.1f} MiB free); {kept}") from None
+        raise DiskFull(f"the disk is full: could not write {path} ({free / 2 ** 20:.1f} MiB free)", kept) from None
     finally:
         tmp.unlink(missing_ok=True)
 

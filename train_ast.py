@@ -364,8 +364,8 @@ def finish(model_state, model_args, layers, tokenizer, wikitext, args, dtype, re
     try:
         atomic_dir(out / "final", write)
     except DiskFull as e:
-        raise DiskFull(f"{str(e).split(';')[0]}, exporting {out / 'final'}; {out / 'state.pt'} keeps the trained "
-                       f"model: free some space and run again with --resume to export it") from None
+        raise DiskFull(f"{e.failed}, exporting {out / 'final'}", f"{out / 'state.pt'} keeps the trained model: free "
+                       f"some space and run again with --resume to export it") from None
     print(f"saved {out / 'final'} (our format{'' if args.slorb_k else ' + hf/'}), log {out / 'log.jsonl'}, "
           f"plot {out / 'log.png'}")
     if wikitext is not None:

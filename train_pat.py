@@ -153,8 +153,8 @@ def finish(pat, model, tokenizer, wikitext, args, step, log, refs) -> dict:
     try:
         atomic_dir(out / "final", write)
     except DiskFull as e:
-        raise DiskFull(f"{str(e).split(';')[0]}, exporting {out / 'final'}; {out / 'state.pt'} keeps the trained "
-                       f"adapters: free some space and run again with --resume to merge and export them") from None
+        raise DiskFull(f"{e.failed}, exporting {out / 'final'}", f"{out / 'state.pt'} keeps the trained adapters: free "
+                       f"some space and run again with --resume to merge and export them") from None
     print(f"merged model: {out / 'final'} (python eval.py --ckpt {out / 'final'}); log: {log.path}, plot: {out / 'log.png'}")
     return meta
 

@@ -215,10 +215,14 @@ def save_state(path, state: dict):
     try:
         atomic_write(path, lambda tmp: torch.save(state, tmp))
     except DiskFull as e:
-        kept = (f"{path} still holds the last good checkpoint: free some space, then continue with --resume"
-                if path.exists() else "no checkpoint was written yet: free some space and start again")
-        raise DiskFull(f"{str(e).split(';')[0]}: the checkpoint of step {state.get('step')} was not saved; "
-                       f"{kept}") from None
+        raise DiskFull(f"{e.failed}: the checkpoint of step {state.get('step')} was not saved",
+                       resume_hint(path)) from None
+
+
+def resume_hint(state_path: Path) -> str:
+    """What a full disk leaves the user, by whether a checkpoint exists to resume from."""
+    return (f"{state_path} still holds the last good checkpoint: free some space, then continue with --resume"
+            if state_path.exists() else "no checkpoint was written yet: free some space and start again")
 
 
 def load_state(path) -> dict:
@@ -312,11 +316,8 @@ class JsonlLog:
             if not disk_full(e):
                 raise
             os.truncate(self.path, size)  # no half record
-            state = self.path.parent / "state.pt"
-            kept = (f"{state} still holds the last good checkpoint: free some space, then continue with --resume"
-                    if state.exists() else "no checkpoint was written yet: free some space and start again")
-            raise DiskFull(f"the disk is full: could not append to {self.path} (it keeps every earlier record); "
-                           f"{kept}") from None
+            raise DiskFull(f"the disk is full: could not append to {self.path} (it keeps every earlier record)",
+                           resume_hint(self.path.parent / "state.pt")) from None
 
     def keep_until(self, step, drop=None):
         """Drop the records after `step` (written after the checkpoint a resumed run starts from), and those that
