@@ -262,6 +262,12 @@ def gpt2_byte_encoder() -> dict:
     return {b: c for c, b in _gpt2_byte_decoder().items()}
 
 
+def two_token_splits(token, ids: dict) -> list:
+    """Where `token` splits into two tokens of `ids`, ordered by (left id, right id): each such split is a merge."""
+    return [k for _, _, k in sorted((ids[token[:k]], ids[token[k:]], k) for k in range(1, len(token))
+                                    if token[:k] in ids and token[k:] in ids)]
+
+
 def merges_from_ranks(ranks: dict) -> list:
     """tiktoken ranks -> Hugging Face merges ("a b", GPT-2 characters), as transformers converts Llama 3.
 
@@ -272,9 +278,7 @@ def merges_from_ranks(ranks: dict) -> list:
     enc = gpt2_byte_encoder()
     merges = []
     for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-        splits = [(ranks[token[:i]], ranks[token[i:]], i) for i in range(1, len(token))
-                  if token[:i] in ranks and token[i:] in ranks]
-        for _, _, i in sorted(splits):
+        for i in two_token_splits(token, ranks):
             merges.append("".join(enc[b] for b in token[:i]) + " " + "".join(enc[b] for b in token[i:]))
     return merges
 
@@ -314,9 +318,7 @@ def sentencepiece_merges(vocab: Vocab) -> list:
     normal = {t: i for i, t in enumerate(vocab.tokens) if vocab.token_types[i] == NORMAL}
     merges = []
     for token, i in sorted(normal.items(), key=lambda kv: (-vocab.scores[kv[1]], kv[1])):
-        splits = [(normal[token[:k]], normal[token[k:]], k) for k in range(1, len(token))
-                  if token[:k] in normal and token[k:] in normal]
-        merges += [f"{token[:k]} {token[k:]}" for _, _, k in sorted(splits)]
+        merges += [f"{token[:k]} {token[k:]}" for k in two_token_splits(token, normal)]
     return merges
 
 
