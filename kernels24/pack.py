@@ -36,7 +36,6 @@ import sparsity
 from cli import DTYPES, Device, DType, UserError, atomic_write, check_output_dir, cli_main, parse_config, resolve_device
 from data import c4_paths, calibration_windows, resolve_data_dir
 from model import PROJECTION_STAGES, PROJECTIONS
-from tokenizer import clear_tokenizer_files
 
 # files of a checkpoint directory that the packed form replaces (masks = positions, recoverable)
 REPLACED_FILES = {"model.safetensors", "masks.safetensors"}
@@ -148,13 +147,12 @@ def pack_checkpoint(cfg: PackConfig) -> dict:
                  for k, v in state.items()}
     tensors, layout = packed.pack_state_dict(state, names, masks, cfg.bits, cfg.group_size, cfg.positions, grids,
                                              DTYPES[cfg.dtype] if cfg.dtype else None)
-    for name in REPLACED_FILES | {"meta.json", "config.json"}:  # --overwrite of an old checkpoint: load() must not
-        (out / name).unlink(missing_ok=True)  # read its dense weights, nor keep its meta.json when --ckpt has none
-    clear_tokenizer_files(out)  # nor its tokenizer: the copy below brings --ckpt's
+    # params.json, tokenizer files, meta.json are copied as they are; --overwrite: the old model's others go
+    copied = [f for f in sorted(ckpt.iterdir()) if f.is_file() and f.name not in REPLACED_FILES]
+    checkpoint.clear_model_files(out, keep=[packed.PACKED_FILE, *(f.name for f in copied)])
     packed.save_packed(tensors, layout, out / packed.PACKED_FILE)
-    for f in sorted(ckpt.iterdir()):  # params.json, tokenizer files, meta.json: copied as they are
-        if f.is_file() and f.name not in REPLACED_FILES:
-            atomic_write(out / f.name, lambda p, f=f: shutil.copyfile(f, p))
+    for f in copied:
+        atomic_write(out / f.name, lambda p, f=f: shutil.copyfile(f, p))
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0  # CPU time: robust to a busy machine
     # report: bytes per dense weight, header (tensor table + layout metadata) charged to the packed weights
     file_bytes = (out / packed.PACKED_FILE).stat().st_size
